@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import hashlib
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django_countries.fields import CountryField
+
+from access.validators import validate_intended_use_length, validate_orcid, validate_scholar_url
+
+
+class LicenseVersion(models.Model):
+    name = models.CharField(max_length=200)
+    version = models.CharField(max_length=32, unique=True)
+    text = models.TextField()
+    text_sha256 = models.CharField(max_length=64, editable=False)
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-effective_from"]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @staticmethod
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class LicenseAcceptance(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="license_acceptances"
+    )
+    license_version = models.ForeignKey(
+        LicenseVersion, on_delete=models.PROTECT, related_name="acceptances"
+    )
+    accepted_at = models.DateTimeField(default=timezone.now)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "license_version"], name="one_acceptance_per_version"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} accepted {self.license_version}"
+
+
+class OrganisationType(models.TextChoices):
+    ACADEMIC = "academic", "Academic"
+    GOVERNMENT = "government", "Government"
+    CIVIL_SOCIETY = "civil_society", "Civil society"
+    INDUSTRY_LAB = "industry_lab", "Industry research lab"
+    OTHER = "other", "Other"
+
+
+class Application(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        SUBMITTED = "submitted", "Submitted"
+        INFO_REQUESTED = "info_requested", "More information requested"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+        WITHDRAWN = "withdrawn", "Withdrawn"
+        REVOKED = "revoked", "Revoked"
+
+    OPEN_STATUSES = (Status.DRAFT, Status.SUBMITTED, Status.INFO_REQUESTED)
+    AWAITING_REVIEW = (Status.SUBMITTED,)
+
+    applicant = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="applications"
+    )
+    status = models.CharField(
+        max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True
+    )
+    full_name = models.CharField(max_length=200, blank=True)
+    institutional_email = models.EmailField(blank=True)
+    affiliation = models.CharField(max_length=200, blank=True)
+    organisation_type = models.CharField(
+        max_length=20, choices=OrganisationType.choices, blank=True
+    )
+    country = CountryField(blank=True)
+    role = models.CharField("role or position", max_length=200, blank=True)
+    orcid = models.CharField("ORCID iD", max_length=19, blank=True, validators=[validate_orcid])
+    scholar_url = models.URLField(
+        "Google Scholar profile", blank=True, validators=[validate_scholar_url]
+    )
+    homepage_url = models.URLField("homepage", blank=True)
+    publications = models.TextField(
+        "other publication or profile links", blank=True, max_length=2000
+    )
+    intended_use = models.TextField(
+        "intended research use", blank=True, validators=[validate_intended_use_length]
+    )
+    requested_releases = models.ManyToManyField(
+        "weights.Release", related_name="applications", blank=True
+    )
+    license_acceptance = models.ForeignKey(
+        LicenseAcceptance,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="applications",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    submitted_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["submitted_at", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["applicant"],
+                condition=Q(status__in=["draft", "submitted", "info_requested"]),
+                name="one_open_application_per_applicant",
+            )
+        ]
+        permissions = [
+            ("decide_application", "Can approve, reject, question and revoke applications")
+        ]
+
+    def __str__(self) -> str:
+        return f"Application #{self.pk} by {self.full_name or self.applicant}"
+
+    def is_open(self) -> bool:
+        return self.status in self.OPEN_STATUSES
+
+    def is_editable(self) -> bool:
+        return self.status == self.Status.DRAFT
+
+    def is_approved(self) -> bool:
+        return self.status == self.Status.APPROVED
+
+
+class AppendOnlyModel(models.Model):
+    """Decision records are evidence: once written they are never changed or deleted."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs):  # noqa: DJ012
+        if self.pk is not None and not self._state.adding:
+            raise ValueError(f"{type(self).__name__} rows are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError(f"{type(self).__name__} rows are append-only")
+
+
+class ApplicationEvent(AppendOnlyModel):
+    class Action(models.TextChoices):
+        CREATED = "created", "Draft created"
+        SUBMITTED = "submitted", "Submitted"
+        INFO_REQUESTED = "info_requested", "More information requested"
+        ANSWERED = "answered", "Answered"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+        WITHDRAWN = "withdrawn", "Withdrawn"
+        REVOKED = "revoked", "Approval revoked"
+
+    DECISIONS = (Action.APPROVED, Action.REJECTED, Action.INFO_REQUESTED, Action.REVOKED)
+
+    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="events")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    action = models.CharField(max_length=20, choices=Action.choices)
+    message = models.TextField(blank=True)
+    releases = models.JSONField(default=list, blank=True)
+    from_status = models.CharField(max_length=20, choices=Application.Status.choices, blank=True)
+    to_status = models.CharField(max_length=20, choices=Application.Status.choices)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} by {self.actor} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class Grant(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="grants"
+    )
+    release = models.ForeignKey("weights.Release", on_delete=models.PROTECT, related_name="grants")
+    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="grants")
+    license_version = models.ForeignKey(
+        LicenseVersion, on_delete=models.PROTECT, related_name="grants"
+    )
+    granted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    revoke_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "release"],
+                condition=Q(revoked_at__isnull=True),
+                name="one_active_grant_per_release",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} → {self.release}"
+
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Notification(models.Model):
+    """Outbox row: written in the transaction that causes it, delivered after commit."""
+
+    kind = models.CharField(max_length=50)
+    recipient = models.EmailField()
+    context = models.JSONField(default=dict)
+    dedupe_key = models.CharField(max_length=200, unique=True, null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} to {self.recipient}"
+
+    def is_sent(self) -> bool:
+        return self.sent_at is not None

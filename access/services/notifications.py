@@ -1,0 +1,127 @@
+"""The outbox: notifications are rows written with the change that causes them.
+
+Delivery is enqueued after commit; if the broker is down the row stays unsent and
+the periodic sweep delivers it later. Delivery claims a row with a conditional
+UPDATE so that two workers (or a retry) never send the same email twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from access.models import Notification
+
+logger = logging.getLogger(__name__)
+
+
+def _now():
+    return timezone.now()
+
+
+def notification_create(
+    *, kind: str, recipient: str, context: dict, dedupe_key: str | None = None
+) -> Notification | None:
+    """Write an outbox row in the caller's transaction; schedule delivery for after commit.
+
+    Returns None when a row with the same dedupe_key exists already.
+    """
+    try:
+        with transaction.atomic():
+            notification = Notification.objects.create(
+                kind=kind, recipient=recipient, context=context, dedupe_key=dedupe_key
+            )
+    except IntegrityError:
+        if dedupe_key and Notification.objects.filter(dedupe_key=dedupe_key).exists():
+            return None
+        raise
+    transaction.on_commit(lambda: _enqueue_delivery(notification.pk))
+    return notification
+
+
+def _enqueue_delivery(notification_id: int) -> None:
+    from access.tasks import deliver_notification
+
+    try:
+        deliver_notification.delay(notification_id)
+    except Exception:
+        # The row is committed; the sweep will deliver it once the broker is back.
+        logger.warning(
+            "broker unavailable; notification %s left for the outbox sweep", notification_id
+        )
+
+
+def _claim(notification_id: int) -> bool:
+    now = _now()
+    stale = now - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
+    claimed = (
+        Notification.objects.filter(pk=notification_id, sent_at__isnull=True)
+        .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
+        .update(claimed_at=now, attempts=F("attempts") + 1)
+    )
+    return claimed == 1
+
+
+def render_notification(notification: Notification) -> EmailMultiAlternatives:
+    context = {**notification.context, "site_url": settings.SITE_URL}
+    base = f"email/{notification.kind}"
+    subject = render_to_string(f"{base}_subject.txt", context).strip().replace("\n", " ")
+    text = render_to_string(f"{base}.txt", context)
+    html = render_to_string(f"{base}.html", context)
+    message = EmailMultiAlternatives(
+        subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}{subject}",
+        body=text,
+        from_email=settings.DEFAULT_FROM_EMAIL,
+        to=[notification.recipient],
+    )
+    message.attach_alternative(html, "text/html")
+    return message
+
+
+def notification_deliver(*, notification_id: int) -> bool:
+    """Send one outbox row if nobody else has. Returns True when this call sent it."""
+    if not _claim(notification_id):
+        return False
+    notification = Notification.objects.get(pk=notification_id)
+    try:
+        render_notification(notification).send()
+    except Exception as exc:
+        Notification.objects.filter(pk=notification_id).update(
+            claimed_at=None, last_error=f"{type(exc).__name__}: {exc}"[:2000]
+        )
+        logger.warning(
+            "delivery of notification %s failed: %s", notification_id, type(exc).__name__
+        )
+        raise
+    Notification.objects.filter(pk=notification_id).update(sent_at=_now(), last_error="")
+    return True
+
+
+def outbox_pending_ids(*, limit: int = 500) -> list[int]:
+    stale = _now() - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
+    return list(
+        Notification.objects.filter(
+            sent_at__isnull=True, attempts__lt=settings.PORTAL_OUTBOX_MAX_ATTEMPTS
+        )
+        .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
+        .order_by("created_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+
+
+def outbox_sweep() -> int:
+    """Deliver every unsent row in this process; returns how many were sent now."""
+    sent = 0
+    for notification_id in outbox_pending_ids():
+        try:
+            sent += notification_deliver(notification_id=notification_id)
+        except Exception:  # noqa: S112 - the row keeps its error and is retried next sweep
+            continue
+    return sent

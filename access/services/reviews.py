@@ -1,0 +1,224 @@
+"""The reviewer's side: approve (per release), reject, ask for information, revoke."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from access import errors
+from access.models import Application, ApplicationEvent, Grant
+from access.services.applications import lock, notify_applicant, record_event, refuse_transition
+from weights.models import Release
+
+Status = Application.Status
+Action = ApplicationEvent.Action
+DECIDABLE = (Status.SUBMITTED, Status.INFO_REQUESTED)
+
+
+def is_reviewer(user: AbstractBaseUser) -> bool:
+    return bool(
+        user.is_authenticated
+        and user.is_active
+        and user.is_staff
+        and (user.is_superuser or user.groups.filter(name=settings.PORTAL_REVIEWERS_GROUP).exists())
+    )
+
+
+def _check_reviewer(application: Application, reviewer: AbstractBaseUser) -> None:
+    if not is_reviewer(reviewer):
+        raise errors.NotAllowed(errors.NOT_REVIEWER, code="not_reviewer")
+    if application.applicant_id == reviewer.pk:
+        raise errors.NotAllowed(errors.OWN_APPLICATION, code="own_application")
+
+
+@transaction.atomic
+def application_approve(
+    *,
+    application: Application,
+    reviewer: AbstractBaseUser,
+    releases: Iterable[Release],
+    note: str = "",
+) -> list[Grant]:
+    """Approve some or all requested releases; creates one Grant per release granted."""
+    application = lock(application.pk)
+    _check_reviewer(application, reviewer)
+    if application.status not in DECIDABLE:
+        raise refuse_transition(application, "approve")
+    chosen = {release.slug: release for release in releases}
+    if not chosen:
+        raise errors.InvalidInput(errors.NO_RELEASES, code="no_releases")
+    requested = set(application.requested_releases.values_list("slug", flat=True))
+    extra = set(chosen) - requested
+    if extra:
+        raise errors.InvalidInput(
+            errors.RELEASES_NOT_REQUESTED.format(releases=", ".join(sorted(extra))),
+            code="not_requested",
+        )
+    license_version = application.license_acceptance.license_version
+    already = set(
+        Grant.objects.filter(
+            user=application.applicant, release__slug__in=chosen, revoked_at__isnull=True
+        ).values_list("release__slug", flat=True)
+    )
+    grants = [
+        Grant.objects.create(
+            user=application.applicant,
+            release=release,
+            application=application,
+            license_version=license_version,
+            granted_by=reviewer,
+        )
+        for slug, release in sorted(chosen.items())
+        if slug not in already
+    ]
+    previous = application.status
+    application.status = Status.APPROVED
+    application.decided_at = timezone.now()
+    application.save(update_fields=["status", "decided_at", "updated_at"])
+    record_event(
+        application=application,
+        actor=reviewer,
+        action=Action.APPROVED,
+        from_status=previous,
+        message=note.strip(),
+        releases=chosen,
+    )
+    not_granted = sorted(requested - set(chosen))
+    notify_applicant(
+        application,
+        "application_approved",
+        granted=[release.name for _, release in sorted(chosen.items())],
+        not_granted=list(
+            Release.objects.filter(slug__in=not_granted).values_list("name", flat=True)
+        ),
+        note=note.strip(),
+    )
+    for grant in grants:
+        transaction.on_commit(lambda grant_id=grant.pk: _grant_created(grant_id))
+    return grants
+
+
+def _grant_created(grant_id: int) -> None:
+    """Hook for the weights app, which issues download links for new grants."""
+    from access.signals import grant_created
+
+    grant_created.send(sender=Grant, grant_id=grant_id)
+
+
+@transaction.atomic
+def application_reject(
+    *, application: Application, reviewer: AbstractBaseUser, reason: str
+) -> Application:
+    application = lock(application.pk)
+    _check_reviewer(application, reviewer)
+    if application.status not in DECIDABLE:
+        raise refuse_transition(application, "reject")
+    reason = (reason or "").strip()
+    if not reason:
+        raise errors.InvalidInput(errors.REASON_REQUIRED, code="reason_required")
+    previous = application.status
+    application.status = Status.REJECTED
+    application.decided_at = timezone.now()
+    application.save(update_fields=["status", "decided_at", "updated_at"])
+    record_event(
+        application=application,
+        actor=reviewer,
+        action=Action.REJECTED,
+        from_status=previous,
+        message=reason,
+    )
+    notify_applicant(application, "application_rejected", reason=reason)
+    return application
+
+
+@transaction.atomic
+def application_request_info(
+    *, application: Application, reviewer: AbstractBaseUser, question: str
+) -> Application:
+    application = lock(application.pk)
+    _check_reviewer(application, reviewer)
+    if application.status != Status.SUBMITTED:
+        raise refuse_transition(application, "ask about")
+    question = (question or "").strip()
+    if not question:
+        raise errors.InvalidInput(errors.QUESTION_REQUIRED, code="question_required")
+    application.status = Status.INFO_REQUESTED
+    application.save(update_fields=["status", "updated_at"])
+    record_event(
+        application=application,
+        actor=reviewer,
+        action=Action.INFO_REQUESTED,
+        from_status=Status.SUBMITTED,
+        message=question,
+    )
+    notify_applicant(application, "application_info_requested", question=question)
+    return application
+
+
+@transaction.atomic
+def application_revoke(
+    *, application: Application, reviewer: AbstractBaseUser, reason: str
+) -> Application:
+    """Withdraw an approval: every grant it created is revoked at once."""
+    application = lock(application.pk)
+    _check_reviewer(application, reviewer)
+    if application.status != Status.APPROVED:
+        raise refuse_transition(application, "revoke")
+    reason = (reason or "").strip()
+    if not reason:
+        raise errors.InvalidInput(errors.REASON_REQUIRED, code="reason_required")
+    revoked = [
+        grant_revoke(grant=grant, reviewer=reviewer, reason=reason, notify=False)
+        for grant in application.grants.filter(revoked_at__isnull=True)
+    ]
+    application.status = Status.REVOKED
+    application.decided_at = timezone.now()
+    application.save(update_fields=["status", "decided_at", "updated_at"])
+    record_event(
+        application=application,
+        actor=reviewer,
+        action=Action.REVOKED,
+        from_status=Status.APPROVED,
+        message=reason,
+        releases=[grant.release.slug for grant in revoked],
+    )
+    notify_applicant(application, "application_revoked", reason=reason)
+    return application
+
+
+@transaction.atomic
+def grant_revoke(
+    *, grant: Grant, reviewer: AbstractBaseUser, reason: str, notify: bool = True
+) -> Grant:
+    grant = (
+        Grant.objects.select_for_update().select_related("release", "application").get(pk=grant.pk)
+    )
+    if not is_reviewer(reviewer):
+        raise errors.NotAllowed(errors.NOT_REVIEWER, code="not_reviewer")
+    if grant.user_id == reviewer.pk:
+        raise errors.NotAllowed(errors.OWN_APPLICATION, code="own_application")
+    if grant.revoked_at is not None:
+        raise errors.IllegalTransition("This grant is revoked already.", code="already_revoked")
+    reason = (reason or "").strip()
+    if not reason:
+        raise errors.InvalidInput(errors.REASON_REQUIRED, code="reason_required")
+    grant.revoked_at = timezone.now()
+    grant.revoked_by = reviewer
+    grant.revoke_reason = reason
+    grant.save(update_fields=["revoked_at", "revoked_by", "revoke_reason"])
+    transaction.on_commit(lambda: _grant_revoked(grant.pk))
+    if notify:
+        notify_applicant(
+            grant.application, "grant_revoked", release=grant.release.name, reason=reason
+        )
+    return grant
+
+
+def _grant_revoked(grant_id: int) -> None:
+    from access.signals import grant_revoked
+
+    grant_revoked.send(sender=Grant, grant_id=grant_id)

@@ -1,0 +1,24 @@
+"""Celery tasks take ids and call services; each is safe to run twice."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from access.services import notifications
+from access.services.digest import reviewer_digest_send
+
+
+@shared_task(acks_late=True, autoretry_for=(Exception,), retry_backoff=30, max_retries=5)
+def deliver_notification(notification_id: int) -> bool:
+    # Idempotent: the service claims the row with a conditional UPDATE.
+    return notifications.notification_deliver(notification_id=notification_id)
+
+
+@shared_task
+def sweep_outbox() -> int:
+    return notifications.outbox_sweep()
+
+
+@shared_task
+def send_reviewer_digest() -> int:
+    return reviewer_digest_send()
