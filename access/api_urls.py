@@ -10,12 +10,22 @@ urlpatterns = [
     path("license/accept/", api.LicenseAccept.as_view(), name="license-accept"),
     path("applications/", api.ApplicationListCreate.as_view(), name="application-list"),
     path("applications/<int:pk>/", api.ApplicationDetail.as_view(), name="application-detail"),
-    path("applications/<int:pk>/submit/", api.ApplicationSubmit.as_view(), name="application-submit"),
-    path("applications/<int:pk>/withdraw/", api.ApplicationWithdraw.as_view(), name="application-withdraw"),
-    path("applications/<int:pk>/answer/", api.ApplicationAnswer.as_view(), name="application-answer"),
+    path(
+        "applications/<int:pk>/submit/", api.ApplicationSubmit.as_view(), name="application-submit"
+    ),
+    path(
+        "applications/<int:pk>/withdraw/",
+        api.ApplicationWithdraw.as_view(),
+        name="application-withdraw",
+    ),
+    path(
+        "applications/<int:pk>/answer/", api.ApplicationAnswer.as_view(), name="application-answer"
+    ),
     path("review/applications/", api.ReviewQueue.as_view(), name="review-queue"),
     path("review/applications/<int:pk>/", api.ReviewDetail.as_view(), name="review-detail"),
-    path("review/applications/<int:pk>/approve/", api.ReviewApprove.as_view(), name="review-approve"),
+    path(
+        "review/applications/<int:pk>/approve/", api.ReviewApprove.as_view(), name="review-approve"
+    ),
     path("review/applications/<int:pk>/reject/", api.ReviewReject.as_view(), name="review-reject"),
     path(
         "review/applications/<int:pk>/request-info/",

@@ -15,7 +15,9 @@ class ApplicationForm(forms.ModelForm):
         label="Releases requested",
         error_messages={"invalid_choice": "%(value)s is not a release in the catalogue."},
     )
-    accept_license = forms.BooleanField(required=False, label="I have read and accept the license above")
+    accept_license = forms.BooleanField(
+        required=False, label="I have read and accept the license above"
+    )
 
     class Meta:
         model = Application
@@ -34,7 +36,9 @@ class ApplicationForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         from django.conf import settings
 
-        self.fields["intended_use"].widget.attrs["maxlength"] = settings.PORTAL_INTENDED_USE_MAX_LENGTH
+        self.fields["intended_use"].widget.attrs["maxlength"] = (
+            settings.PORTAL_INTENDED_USE_MAX_LENGTH
+        )
 
     def service_fields(self) -> dict:
         return {name: self.cleaned_data.get(name, "") for name in EDITABLE_FIELDS}

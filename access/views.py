@@ -57,12 +57,18 @@ def apply(request: HttpRequest) -> HttpResponse:
                 return redirect("access:application_detail", pk=application.pk)
             form.instance = application
     return render(
-        request, "access/apply.html", {"form": form, "license": license_version, "application": current}
+        request,
+        "access/apply.html",
+        {"form": form, "license": license_version, "application": current},
     )
 
 
-def _submit(request: HttpRequest, form: ApplicationForm, application: Application, license_version) -> bool:
-    if is_ratelimited(request, group="access.submit", key="user", rate=settings.PORTAL_SUBMIT_RATE, increment=True):
+def _submit(
+    request: HttpRequest, form: ApplicationForm, application: Application, license_version
+) -> bool:
+    if is_ratelimited(
+        request, group="access.submit", key="user", rate=settings.PORTAL_SUBMIT_RATE, increment=True
+    ):
         form.add_error(None, SUBMIT_RATE_LIMITED)
         return False
     if not form.cleaned_data.get("accept_license"):
@@ -152,8 +158,12 @@ def license_current(request: HttpRequest) -> HttpResponse:
     license_version = license_services.license_current()
     accepted = None
     if license_version and request.user.is_authenticated:
-        accepted = LicenseAcceptance.objects.filter(user=request.user, license_version=license_version).first()
-    return render(request, "access/license.html", {"license": license_version, "accepted": accepted})
+        accepted = LicenseAcceptance.objects.filter(
+            user=request.user, license_version=license_version
+        ).first()
+    return render(
+        request, "access/license.html", {"license": license_version, "accepted": accepted}
+    )
 
 
 @login_required
@@ -171,10 +181,16 @@ def license_accept(request: HttpRequest) -> HttpResponse:
             user_agent=user_agent(request),
         )
         messages.success(request, f"You accepted {license_version}.")
-        return redirect(request.GET.get("next") if _safe_next(request) else "access:application_list")
-    accepted = LicenseAcceptance.objects.filter(user=request.user, license_version=license_version).first()
+        return redirect(
+            request.GET.get("next") if _safe_next(request) else "access:application_list"
+        )
+    accepted = LicenseAcceptance.objects.filter(
+        user=request.user, license_version=license_version
+    ).first()
     return render(
-        request, "access/license_accept.html", {"license": license_version, "form": form, "accepted": accepted}
+        request,
+        "access/license_accept.html",
+        {"license": license_version, "form": form, "accepted": accepted},
     )
 
 

@@ -17,7 +17,9 @@ from django.contrib.auth import logout
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 
-NEEDS_TOTP = "Staff must set up two-factor authentication (an authenticator app) before using the admin."
+NEEDS_TOTP = (
+    "Staff must set up two-factor authentication (an authenticator app) before using the admin."
+)
 NEEDS_TOTP_LOGIN = "Sign in with your authenticator code to open the admin."
 
 
@@ -44,7 +46,12 @@ class PortalAdminSite(admin.AdminSite):
     def login(self, request: HttpRequest, extra_context=None) -> HttpResponse:
         next_url = request.GET.get("next") or reverse("admin:index")
         user = request.user
-        if user.is_authenticated and user.is_active and user.is_staff and settings.PORTAL_ADMIN_REQUIRE_2FA:
+        if (
+            user.is_authenticated
+            and user.is_active
+            and user.is_staff
+            and settings.PORTAL_ADMIN_REQUIRE_2FA
+        ):
             if not is_mfa_enabled(user, [Authenticator.Type.TOTP]):
                 messages.warning(request, NEEDS_TOTP)
                 return HttpResponseRedirect(reverse("mfa_activate_totp"))

@@ -186,6 +186,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
@@ -199,9 +200,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Apply for, review and follow access to model weight releases.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {"ApplicationStatusEnum": "access.models.Application.Status"},
 }
 
-# Bodies beyond this are refused with 400 before any view runs.
+# Bodies beyond this are refused: 400 for forms, 413 for the JSON API.
 DATA_UPLOAD_MAX_MEMORY_SIZE = envint("PORTAL_MAX_BODY_BYTES", 256 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_NUMBER_FIELDS = 200
 

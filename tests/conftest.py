@@ -28,6 +28,16 @@ def require_service(name: str, url: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Rate-limit counters and used TOTP codes live in the cache; no test inherits another's."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 @pytest.fixture
 def redis_url() -> str:
     url = os.environ.get("REDIS_URL", "")
@@ -37,7 +47,9 @@ def redis_url() -> str:
 
 @pytest.fixture
 def license_v1(db):
-    return LicenseVersionFactory(version="1", text="LLaMA research license v1. Noncommercial use only.")
+    return LicenseVersionFactory(
+        version="1", text="LLaMA research license v1. Noncommercial use only."
+    )
 
 
 @pytest.fixture
@@ -45,7 +57,12 @@ def releases(db):
     return {
         slug: ReleaseFactory(slug=slug, name=name, sort_order=i)
         for i, (slug, name) in enumerate(
-            [("llama-7b", "LLaMA 7B"), ("llama-13b", "LLaMA 13B"), ("llama-33b", "LLaMA 33B"), ("llama-65b", "LLaMA 65B")]
+            [
+                ("llama-7b", "LLaMA 7B"),
+                ("llama-13b", "LLaMA 13B"),
+                ("llama-33b", "LLaMA 33B"),
+                ("llama-65b", "LLaMA 65B"),
+            ]
         )
     }
 
@@ -91,9 +108,15 @@ def make_submitted(license_v1, releases):
     """Create a submitted application for `user` requesting the given release slugs."""
 
     def make(user, slugs=("llama-7b", "llama-13b", "llama-33b"), **fields) -> Application:
-        data = {**FIELDS, "full_name": user.username.title() + " Researcher", "institutional_email": user.email}
+        data = {
+            **FIELDS,
+            "full_name": user.username.title() + " Researcher",
+            "institutional_email": user.email,
+        }
         data.update(fields)
-        draft = application_save_draft(applicant=user, fields=data, releases=[releases[s] for s in slugs])
+        draft = application_save_draft(
+            applicant=user, fields=data, releases=[releases[s] for s in slugs]
+        )
         acceptance = accept_license(user, license_v1)
         return application_submit(application=draft, applicant=user, license_acceptance=acceptance)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import factory
 from allauth.account.models import EmailAddress
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from access.models import Application, LicenseAcceptance, LicenseVersion
+from access.services.reviewers import reviewers_group_ensure
 from weights.models import Release
 
 
@@ -34,8 +34,7 @@ class ReviewerFactory(UserFactory):
     @factory.post_generation
     def reviewers_group(self, create, extracted, **kwargs):
         if create:
-            group, _ = Group.objects.get_or_create(name="Reviewers")
-            self.groups.add(group)
+            self.groups.add(reviewers_group_ensure())
 
 
 class ReleaseFactory(factory.django.DjangoModelFactory):
@@ -44,7 +43,9 @@ class ReleaseFactory(factory.django.DjangoModelFactory):
         django_get_or_create = ("slug",)
 
     slug = factory.Sequence(lambda n: f"llama-{n}b")
-    name = factory.LazyAttribute(lambda r: r.slug.replace("llama-", "LLaMA ").upper().replace("LLAMA", "LLaMA"))
+    name = factory.LazyAttribute(
+        lambda r: r.slug.replace("llama-", "LLaMA ").upper().replace("LLAMA", "LLaMA")
+    )
 
 
 class LicenseVersionFactory(factory.django.DjangoModelFactory):
@@ -54,7 +55,9 @@ class LicenseVersionFactory(factory.django.DjangoModelFactory):
 
     name = "LLaMA Noncommercial Research License"
     version = factory.Sequence(lambda n: f"{n + 1}")
-    text = factory.LazyAttribute(lambda lv: f"License text version {lv.version}. Research use only.")
+    text = factory.LazyAttribute(
+        lambda lv: f"License text version {lv.version}. Research use only."
+    )
     text_sha256 = factory.LazyAttribute(lambda lv: LicenseVersion.digest(lv.text))
     effective_from = factory.LazyFunction(lambda: timezone.now() - timezone.timedelta(days=1))
 
@@ -76,4 +79,6 @@ class ApplicationFactory(factory.django.DjangoModelFactory):
 
 
 def accept_license(user, license_version) -> LicenseAcceptance:
-    return LicenseAcceptance.objects.create(user=user, license_version=license_version, ip_address="127.0.0.1")
+    return LicenseAcceptance.objects.create(
+        user=user, license_version=license_version, ip_address="127.0.0.1"
+    )

@@ -9,137 +9,382 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('weights', '0001_initial'),
+        ("weights", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='LicenseVersion',
+            name="LicenseVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('version', models.CharField(max_length=32, unique=True)),
-                ('text', models.TextField()),
-                ('text_sha256', models.CharField(editable=False, max_length=64)),
-                ('effective_from', models.DateTimeField(default=django.utils.timezone.now)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("version", models.CharField(max_length=32, unique=True)),
+                ("text", models.TextField()),
+                ("text_sha256", models.CharField(editable=False, max_length=64)),
+                ("effective_from", models.DateTimeField(default=django.utils.timezone.now)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['-effective_from'],
+                "ordering": ["-effective_from"],
             },
         ),
         migrations.CreateModel(
-            name='Notification',
+            name="Notification",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(max_length=50)),
-                ('recipient', models.EmailField(max_length=254)),
-                ('context', models.JSONField(default=dict)),
-                ('dedupe_key', models.CharField(blank=True, max_length=200, null=True, unique=True)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('claimed_at', models.DateTimeField(blank=True, null=True)),
-                ('sent_at', models.DateTimeField(blank=True, db_index=True, null=True)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('last_error', models.TextField(blank=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kind", models.CharField(max_length=50)),
+                ("recipient", models.EmailField(max_length=254)),
+                ("context", models.JSONField(default=dict)),
+                (
+                    "dedupe_key",
+                    models.CharField(blank=True, max_length=200, null=True, unique=True),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                ("claimed_at", models.DateTimeField(blank=True, null=True)),
+                ("sent_at", models.DateTimeField(blank=True, db_index=True, null=True)),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("last_error", models.TextField(blank=True)),
             ],
             options={
-                'ordering': ['created_at'],
+                "ordering": ["created_at"],
             },
         ),
         migrations.CreateModel(
-            name='Application',
+            name="Application",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('draft', 'Draft'), ('submitted', 'Submitted'), ('info_requested', 'More information requested'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('withdrawn', 'Withdrawn'), ('revoked', 'Revoked')], db_index=True, default='draft', max_length=20)),
-                ('full_name', models.CharField(blank=True, max_length=200)),
-                ('institutional_email', models.EmailField(blank=True, max_length=254)),
-                ('affiliation', models.CharField(blank=True, max_length=200)),
-                ('organisation_type', models.CharField(blank=True, choices=[('academic', 'Academic'), ('government', 'Government'), ('civil_society', 'Civil society'), ('industry_lab', 'Industry research lab'), ('other', 'Other')], max_length=20)),
-                ('country', django_countries.fields.CountryField(blank=True, max_length=2)),
-                ('role', models.CharField(blank=True, max_length=200, verbose_name='role or position')),
-                ('orcid', models.CharField(blank=True, max_length=19, validators=[access.validators.validate_orcid], verbose_name='ORCID iD')),
-                ('scholar_url', models.URLField(blank=True, validators=[access.validators.validate_scholar_url], verbose_name='Google Scholar profile')),
-                ('homepage_url', models.URLField(blank=True, verbose_name='homepage')),
-                ('publications', models.TextField(blank=True, max_length=2000, verbose_name='other publication or profile links')),
-                ('intended_use', models.TextField(blank=True, validators=[access.validators.validate_intended_use_length], verbose_name='intended research use')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('submitted_at', models.DateTimeField(blank=True, db_index=True, null=True)),
-                ('decided_at', models.DateTimeField(blank=True, null=True)),
-                ('applicant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='applications', to=settings.AUTH_USER_MODEL)),
-                ('requested_releases', models.ManyToManyField(blank=True, related_name='applications', to='weights.release')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("draft", "Draft"),
+                            ("submitted", "Submitted"),
+                            ("info_requested", "More information requested"),
+                            ("approved", "Approved"),
+                            ("rejected", "Rejected"),
+                            ("withdrawn", "Withdrawn"),
+                            ("revoked", "Revoked"),
+                        ],
+                        db_index=True,
+                        default="draft",
+                        max_length=20,
+                    ),
+                ),
+                ("full_name", models.CharField(blank=True, max_length=200)),
+                ("institutional_email", models.EmailField(blank=True, max_length=254)),
+                ("affiliation", models.CharField(blank=True, max_length=200)),
+                (
+                    "organisation_type",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("academic", "Academic"),
+                            ("government", "Government"),
+                            ("civil_society", "Civil society"),
+                            ("industry_lab", "Industry research lab"),
+                            ("other", "Other"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                ("country", django_countries.fields.CountryField(blank=True, max_length=2)),
+                (
+                    "role",
+                    models.CharField(blank=True, max_length=200, verbose_name="role or position"),
+                ),
+                (
+                    "orcid",
+                    models.CharField(
+                        blank=True,
+                        max_length=19,
+                        validators=[access.validators.validate_orcid],
+                        verbose_name="ORCID iD",
+                    ),
+                ),
+                (
+                    "scholar_url",
+                    models.URLField(
+                        blank=True,
+                        validators=[access.validators.validate_scholar_url],
+                        verbose_name="Google Scholar profile",
+                    ),
+                ),
+                ("homepage_url", models.URLField(blank=True, verbose_name="homepage")),
+                (
+                    "publications",
+                    models.TextField(
+                        blank=True,
+                        max_length=2000,
+                        verbose_name="other publication or profile links",
+                    ),
+                ),
+                (
+                    "intended_use",
+                    models.TextField(
+                        blank=True,
+                        validators=[access.validators.validate_intended_use_length],
+                        verbose_name="intended research use",
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("submitted_at", models.DateTimeField(blank=True, db_index=True, null=True)),
+                ("decided_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "applicant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="applications",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "requested_releases",
+                    models.ManyToManyField(
+                        blank=True, related_name="applications", to="weights.release"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['submitted_at', 'created_at'],
-                'permissions': [('decide_application', 'Can approve, reject, question and revoke applications')],
+                "ordering": ["submitted_at", "created_at"],
+                "permissions": [
+                    ("decide_application", "Can approve, reject, question and revoke applications")
+                ],
             },
         ),
         migrations.CreateModel(
-            name='ApplicationEvent',
+            name="ApplicationEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('action', models.CharField(choices=[('created', 'Draft created'), ('submitted', 'Submitted'), ('info_requested', 'More information requested'), ('answered', 'Answered'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('withdrawn', 'Withdrawn'), ('revoked', 'Approval revoked')], max_length=20)),
-                ('message', models.TextField(blank=True)),
-                ('releases', models.JSONField(blank=True, default=list)),
-                ('from_status', models.CharField(blank=True, choices=[('draft', 'Draft'), ('submitted', 'Submitted'), ('info_requested', 'More information requested'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('withdrawn', 'Withdrawn'), ('revoked', 'Revoked')], max_length=20)),
-                ('to_status', models.CharField(choices=[('draft', 'Draft'), ('submitted', 'Submitted'), ('info_requested', 'More information requested'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('withdrawn', 'Withdrawn'), ('revoked', 'Revoked')], max_length=20)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('actor', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('application', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='events', to='access.application')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "action",
+                    models.CharField(
+                        choices=[
+                            ("created", "Draft created"),
+                            ("submitted", "Submitted"),
+                            ("info_requested", "More information requested"),
+                            ("answered", "Answered"),
+                            ("approved", "Approved"),
+                            ("rejected", "Rejected"),
+                            ("withdrawn", "Withdrawn"),
+                            ("revoked", "Approval revoked"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                ("message", models.TextField(blank=True)),
+                ("releases", models.JSONField(blank=True, default=list)),
+                (
+                    "from_status",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("draft", "Draft"),
+                            ("submitted", "Submitted"),
+                            ("info_requested", "More information requested"),
+                            ("approved", "Approved"),
+                            ("rejected", "Rejected"),
+                            ("withdrawn", "Withdrawn"),
+                            ("revoked", "Revoked"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "to_status",
+                    models.CharField(
+                        choices=[
+                            ("draft", "Draft"),
+                            ("submitted", "Submitted"),
+                            ("info_requested", "More information requested"),
+                            ("approved", "Approved"),
+                            ("rejected", "Rejected"),
+                            ("withdrawn", "Withdrawn"),
+                            ("revoked", "Revoked"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                (
+                    "actor",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "application",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="events",
+                        to="access.application",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at', 'pk'],
+                "ordering": ["created_at", "pk"],
             },
         ),
         migrations.CreateModel(
-            name='LicenseAcceptance',
+            name="LicenseAcceptance",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('accepted_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('ip_address', models.GenericIPAddressField(blank=True, null=True)),
-                ('user_agent', models.CharField(blank=True, max_length=300)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='license_acceptances', to=settings.AUTH_USER_MODEL)),
-                ('license_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='acceptances', to='access.licenseversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("accepted_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("ip_address", models.GenericIPAddressField(blank=True, null=True)),
+                ("user_agent", models.CharField(blank=True, max_length=300)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="license_acceptances",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "license_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="acceptances",
+                        to="access.licenseversion",
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='application',
-            name='license_acceptance',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='applications', to='access.licenseacceptance'),
+            model_name="application",
+            name="license_acceptance",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="applications",
+                to="access.licenseacceptance",
+            ),
         ),
         migrations.CreateModel(
-            name='Grant',
+            name="Grant",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('revoke_reason', models.TextField(blank=True)),
-                ('application', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='grants', to='access.application')),
-                ('granted_by', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('release', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='grants', to='weights.release')),
-                ('revoked_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='grants', to=settings.AUTH_USER_MODEL)),
-                ('license_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='grants', to='access.licenseversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                ("revoke_reason", models.TextField(blank=True)),
+                (
+                    "application",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="grants",
+                        to="access.application",
+                    ),
+                ),
+                (
+                    "granted_by",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "release",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="grants",
+                        to="weights.release",
+                    ),
+                ),
+                (
+                    "revoked_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="grants",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "license_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="grants",
+                        to="access.licenseversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddConstraint(
-            model_name='application',
-            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ['draft', 'submitted', 'info_requested'])), fields=('applicant',), name='one_open_application_per_applicant'),
+            model_name="application",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("status__in", ["draft", "submitted", "info_requested"])),
+                fields=("applicant",),
+                name="one_open_application_per_applicant",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='licenseacceptance',
-            constraint=models.UniqueConstraint(fields=('user', 'license_version'), name='one_acceptance_per_version'),
+            model_name="licenseacceptance",
+            constraint=models.UniqueConstraint(
+                fields=("user", "license_version"), name="one_acceptance_per_version"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='grant',
-            constraint=models.UniqueConstraint(condition=models.Q(('revoked_at__isnull', True)), fields=('user', 'release'), name='one_active_grant_per_release'),
+            model_name="grant",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("revoked_at__isnull", True)),
+                fields=("user", "release"),
+                name="one_active_grant_per_release",
+            ),
         ),
     ]

@@ -52,9 +52,11 @@ def _enqueue_delivery(notification_id: int) -> None:
     try:
         deliver_notification.delay(notification_id)
     except Exception:
-        # The row is committed; the sweep will deliver it once the broker is back.
+        # The row is committed; the sweep delivers it once the broker is back.
         logger.warning(
-            "broker unavailable; notification %s left for the outbox sweep", notification_id
+            "could not enqueue delivery of notification %s; the outbox sweep will retry it",
+            notification_id,
+            exc_info=True,
         )
 
 

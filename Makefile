@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint format migrate bootstrap worker clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+migrate: $(STAMP)
+	mkdir -p var
+	$(BIN)/python manage.py migrate --noinput
+
+bootstrap: migrate
+	$(BIN)/python manage.py bootstrap_demo
+
+run: bootstrap
+	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python manage.py makemigrations --check --dry-run --settings=portal.settings_test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+worker: $(STAMP)
+	$(BIN)/celery -A portal worker -Q default,mail -l info
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -1,0 +1,321 @@
+"""API request and response bodies.
+
+Request serializers check shape and type, field by field, and reject unknown
+fields; the rules (who may do what, when) stay in access.services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
+
+from access import errors
+from access.models import (
+    Application,
+    ApplicationEvent,
+    Grant,
+    LicenseAcceptance,
+    LicenseVersion,
+)
+from access.selectors import screening_flags
+from access.services.applications import EDITABLE_FIELDS
+from weights.models import Release
+
+UNKNOWN_FIELD = "Unknown field. See /api/docs/ for the fields this endpoint accepts."
+UNKNOWN_RELEASES = "Unknown release(s): {slugs}. Choose from: {choices}."
+DUPLICATE_RELEASES = "List each release once."
+MUST_ACCEPT = "Set this to true to accept the license."
+LICENSE_VERSION_STALE = "Version {given} is not the current license (current: {current})."
+MAX_RELEASES = 20
+MAX_TEXT = 5000
+
+Status = Application.Status
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so a typo is a 400 rather than silently ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = sorted(set(data) - set(self.fields)) if isinstance(data, Mapping) else []
+        unknown_errors = {
+            name: [ErrorDetail(UNKNOWN_FIELD, code="unknown_field")] for name in unknown
+        }
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if isinstance(exc.detail, dict):
+                exc.detail.update(unknown_errors)  # report every problem at once
+            raise
+        if unknown_errors:
+            raise serializers.ValidationError(unknown_errors)
+        return value
+
+
+class ReleaseSlugsField(serializers.ListField):
+    """A list of catalogue slugs in, a list of Release rows out."""
+
+    child = serializers.SlugField(max_length=64)
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", MAX_RELEASES)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> list[Release]:
+        slugs = super().to_internal_value(data)
+        if len(set(slugs)) != len(slugs):
+            raise serializers.ValidationError(DUPLICATE_RELEASES)
+        found = {release.slug: release for release in Release.objects.filter(slug__in=slugs)}
+        missing = [slug for slug in slugs if slug not in found]
+        if missing:
+            choices = Release.objects.values_list("slug", flat=True)
+            raise serializers.ValidationError(
+                UNKNOWN_RELEASES.format(slugs=", ".join(missing), choices=", ".join(choices))
+            )
+        return [found[slug] for slug in slugs]
+
+    def to_representation(self, data: Any) -> list[str]:
+        return [release.slug for release in data]
+
+
+# --- Requests ---------------------------------------------------------------
+
+
+class ApplicationWriteSerializer(StrictSerializer, serializers.ModelSerializer):
+    """Draft fields; every one is optional because drafts may be incomplete."""
+
+    releases = ReleaseSlugsField(
+        required=False, help_text="Catalogue slugs of the releases requested, e.g. llama-7b."
+    )
+
+    class Meta:
+        model = Application
+        fields = [*EDITABLE_FIELDS, "releases"]
+
+
+class SubmitSerializer(StrictSerializer):
+    accept_license = serializers.BooleanField(
+        help_text="Must be true: you accept the current license version."
+    )
+
+    def validate_accept_license(self, value: bool) -> bool:
+        if not value:
+            raise serializers.ValidationError(errors.LICENSE_NOT_ACCEPTED)
+        return value
+
+
+class LicenseAcceptSerializer(StrictSerializer):
+    accept = serializers.BooleanField(help_text="Must be true.")
+    version = serializers.CharField(
+        required=False,
+        max_length=32,
+        help_text="Optional: the version you read; refused if it is no longer current.",
+    )
+
+    def validate_accept(self, value: bool) -> bool:
+        if not value:
+            raise serializers.ValidationError(MUST_ACCEPT)
+        return value
+
+    def validate_version(self, value: str) -> str:
+        current = self.context["license"]
+        if value != current.version:
+            raise serializers.ValidationError(
+                LICENSE_VERSION_STALE.format(given=value, current=current.version)
+            )
+        return value
+
+
+class AnswerSerializer(StrictSerializer):
+    answer = serializers.CharField(max_length=MAX_TEXT)
+
+
+class ReasonSerializer(StrictSerializer):
+    reason = serializers.CharField(max_length=MAX_TEXT, help_text="Shown to the applicant.")
+
+
+class QuestionSerializer(StrictSerializer):
+    question = serializers.CharField(max_length=MAX_TEXT, help_text="Shown to the applicant.")
+
+
+class ApproveSerializer(StrictSerializer):
+    releases = ReleaseSlugsField(
+        allow_empty=False, help_text="The requested releases to grant (all or some)."
+    )
+    note = serializers.CharField(
+        required=False, allow_blank=True, max_length=MAX_TEXT, help_text="Shown to the applicant."
+    )
+
+
+class QueueFilterSerializer(serializers.Serializer):
+    """Query parameters; others (page, page_size) belong to the paginator."""
+
+    status = serializers.MultipleChoiceField(
+        choices=[choice for choice in Status.choices if choice[0] != Status.DRAFT],
+        required=False,
+        help_text="Statuses to list (repeatable); default: submitted and info_requested.",
+    )
+
+
+# --- Responses --------------------------------------------------------------
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField(required=False)
+
+
+class ReleaseSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Release
+        fields = ["slug", "name"]
+
+
+class LicenseSerializer(serializers.ModelSerializer):
+    accepted = serializers.SerializerMethodField(
+        help_text="Whether you have accepted this version."
+    )
+
+    class Meta:
+        model = LicenseVersion
+        fields = ["name", "version", "text", "text_sha256", "effective_from", "accepted"]
+
+    def get_accepted(self, obj: LicenseVersion) -> bool:
+        user = self.context["request"].user
+        return LicenseAcceptance.objects.filter(user=user, license_version=obj).exists()
+
+
+class LicenseAcceptanceSerializer(serializers.ModelSerializer):
+    version = serializers.CharField(source="license_version.version")
+
+    class Meta:
+        model = LicenseAcceptance
+        fields = ["version", "accepted_at"]
+
+
+class EventSerializer(serializers.ModelSerializer):
+    action_display = serializers.CharField(source="get_action_display")
+    by = serializers.SerializerMethodField(help_text="applicant or reviewer")
+    # Plain string: the same choices as Application.status would need a second enum name.
+    to_status = serializers.CharField(help_text="The application's status after this event.")
+
+    class Meta:
+        model = ApplicationEvent
+        fields = [
+            "action",
+            "action_display",
+            "by",
+            "message",
+            "releases",
+            "to_status",
+            "created_at",
+        ]
+
+    def get_by(self, obj: ApplicationEvent) -> str:
+        return "applicant" if obj.actor_id == obj.application.applicant_id else "reviewer"
+
+
+class GrantSerializer(serializers.ModelSerializer):
+    release = ReleaseSerializer()
+    license_version = serializers.CharField(source="license_version.version")
+    active = serializers.BooleanField(source="is_active")
+
+    class Meta:
+        model = Grant
+        fields = [
+            "release",
+            "license_version",
+            "active",
+            "created_at",
+            "revoked_at",
+            "revoke_reason",
+        ]
+
+
+class ApplicationSummarySerializer(serializers.ModelSerializer):
+    status_display = serializers.CharField(source="get_status_display")
+    releases = ReleaseSerializer(source="requested_releases", many=True)
+
+    class Meta:
+        model = Application
+        fields = [
+            "id",
+            "status",
+            "status_display",
+            "releases",
+            "created_at",
+            "submitted_at",
+            "decided_at",
+        ]
+
+
+class ApplicationSerializer(ApplicationSummarySerializer):
+    """What the applicant sees: their answers, the timeline and their grants."""
+
+    license_version = serializers.CharField(
+        source="license_acceptance.license_version.version", allow_null=True, default=None
+    )
+    events = EventSerializer(many=True)
+    grants = GrantSerializer(many=True)
+
+    class Meta(ApplicationSummarySerializer.Meta):
+        fields = [
+            *ApplicationSummarySerializer.Meta.fields,
+            *EDITABLE_FIELDS,
+            "license_version",
+            "updated_at",
+            "events",
+            "grants",
+        ]
+
+
+class ReviewQueueItemSerializer(ApplicationSummarySerializer):
+    applicant_email = serializers.EmailField(source="applicant.email")
+
+    class Meta(ApplicationSummarySerializer.Meta):
+        fields = [
+            *ApplicationSummarySerializer.Meta.fields,
+            "applicant_email",
+            "full_name",
+            "affiliation",
+            "organisation_type",
+            "country",
+        ]
+
+
+class FlagSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class ReviewEventSerializer(EventSerializer):
+    actor_email = serializers.EmailField(source="actor.email")
+
+    class Meta(EventSerializer.Meta):
+        fields = [*EventSerializer.Meta.fields, "actor_email"]
+
+
+class ReviewApplicationSerializer(ApplicationSerializer):
+    """Everything the applicant wrote, plus who they are and the screening flags."""
+
+    applicant_email = serializers.EmailField(source="applicant.email")
+    license_accepted_at = serializers.DateTimeField(
+        source="license_acceptance.accepted_at", allow_null=True, default=None
+    )
+    events = ReviewEventSerializer(many=True)
+    screening_flags = serializers.SerializerMethodField()
+
+    class Meta(ApplicationSerializer.Meta):
+        fields = [
+            *ApplicationSerializer.Meta.fields,
+            "applicant_email",
+            "license_accepted_at",
+            "screening_flags",
+        ]
+
+    @extend_schema_field(FlagSerializer(many=True))
+    def get_screening_flags(self, obj: Application) -> list[dict[str, str]]:
+        return FlagSerializer(screening_flags(obj), many=True).data
