@@ -33,6 +33,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
+	mkdir -p var
 	$(BIN)/python manage.py makemigrations --check --dry-run --settings=portal.settings_test
 	$(BIN)/pytest $(PYTEST_ARGS)
 

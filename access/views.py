@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import wraps
+from urllib.parse import parse_qsl
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from django_ratelimit.core import is_ratelimited
@@ -19,6 +22,7 @@ from access.services import applications as application_services
 from access.services import licenses as license_services
 
 SUBMIT_RATE_LIMITED = "Too many submissions from your account; try again in an hour."
+NOT_UTF8 = "The form was not sent as UTF-8; reload the page and try again."
 
 
 def client_ip(request: HttpRequest) -> str | None:
@@ -29,14 +33,44 @@ def user_agent(request: HttpRequest) -> str:
     return request.META.get("HTTP_USER_AGENT", "")[:300]
 
 
+def require_utf8_form(view):
+    """Refuse a form body that is not UTF-8.
+
+    Django decodes such bodies leniently (raw bytes as Latin-1, bad %-escapes as U+FFFD),
+    which would store mojibake; a 400 is the honest answer.
+    """
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if request.method == "POST" and request.content_type == "application/x-www-form-urlencoded":
+            try:
+                parse_qsl(
+                    request.body.decode("utf-8"),
+                    keep_blank_values=True,
+                    encoding="utf-8",
+                    errors="strict",
+                )
+            except UnicodeDecodeError:
+                return HttpResponseBadRequest(NOT_UTF8, content_type="text/plain; charset=utf-8")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def posted(request: HttpRequest):
+    """The POST data, or None on GET; an empty POST still binds the form and shows errors."""
+    return request.POST if request.method == "POST" else None
+
+
 @login_required
+@require_utf8_form
 def apply(request: HttpRequest) -> HttpResponse:
     current = selectors.application_open_for(user=request.user)
     if current is not None and not current.is_editable():
         messages.info(request, "Your application is with the reviewers; follow it here.")
         return redirect("access:application_detail", pk=current.pk)
     license_version = license_services.license_current()
-    form = ApplicationForm(request.POST or None, instance=current)
+    form = ApplicationForm(posted(request), instance=current)
     if request.method == "POST" and form.is_valid():
         submitting = request.POST.get("action") == "submit"
         try:
@@ -136,6 +170,7 @@ def application_withdraw(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
+@require_utf8_form
 def application_answer(request: HttpRequest, pk: int) -> HttpResponse:
     application = get_object_or_404(selectors.applications_for(user=request.user), pk=pk)
     form = AnswerForm(request.POST)
@@ -167,12 +202,13 @@ def license_current(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@require_utf8_form
 def license_accept(request: HttpRequest) -> HttpResponse:
     license_version = license_services.license_current()
     if license_version is None:
         messages.error(request, errors.NO_CURRENT_LICENSE)
         return redirect("home")
-    form = LicenseAcceptForm(request.POST or None)
+    form = LicenseAcceptForm(posted(request))
     if request.method == "POST" and form.is_valid():
         license_services.license_accept(
             user=request.user,

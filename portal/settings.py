@@ -190,7 +190,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "submit": envstr("PORTAL_SUBMIT_RATE", "10/hour"),
+        "submit": envstr("PORTAL_SUBMIT_RATE", "10/h"),
         "review": "600/hour",
     },
     "EXCEPTION_HANDLER": "portal.api_errors.exception_handler",
