@@ -129,7 +129,7 @@ def application_save_draft(
         if Application.objects.filter(
             applicant=applicant, status__in=Application.OPEN_STATUSES
         ).exists():
-            raise errors.ServiceError(errors.ALREADY_OPEN, code="already_open")
+            raise errors.IllegalTransition(errors.ALREADY_OPEN, code="already_open")
         application = Application(applicant=applicant, status=Status.DRAFT)
         creating = True
     else:
@@ -144,7 +144,7 @@ def application_save_draft(
         with transaction.atomic():
             application.save()
     except IntegrityError:
-        raise errors.ServiceError(errors.ALREADY_OPEN, code="already_open") from None
+        raise errors.IllegalTransition(errors.ALREADY_OPEN, code="already_open") from None
     if releases is not None:
         application.requested_releases.set(list(releases))
     if creating:

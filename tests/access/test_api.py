@@ -135,7 +135,7 @@ def test_one_open_application_withdraw_and_apply_again(api, alice, releases):
     client = api(alice)
     pk = create_draft(client).json()["id"]
     second = create_draft(client)
-    assert second.status_code == 400
+    assert second.status_code == 409
     assert second.json() == {"detail": errors.ALREADY_OPEN, "code": "already_open"}
     withdrawn = post(client, "application-withdraw", pk)
     assert withdrawn.status_code == 200
