@@ -117,7 +117,10 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_TIME_LIMIT = 300
 CELERY_TASK_SOFT_TIME_LIMIT = 240
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"access.tasks.deliver_notification": {"queue": "mail"}}
+CELERY_TASK_ROUTES = {
+    "access.tasks.deliver_notification": {"queue": "mail"},
+    "weights.tasks.issue_download_link": {"queue": "mail"},
+}
 # A submission must not hang while the broker is down: publish fails fast and
 # the outbox sweep delivers later.
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
@@ -126,6 +129,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout"
 CELERY_BEAT_SCHEDULE = {
     "resend-undelivered-notifications": {
         "task": "access.tasks.sweep_outbox",
+        "schedule": 300.0,
+    },
+    "issue-missing-download-links": {
+        "task": "weights.tasks.issue_missing_links",
         "schedule": 300.0,
     },
     "reviewer-daily-digest": {
@@ -233,7 +240,14 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"redact_tokens": {"()": "portal.logging_filters.RedactTokensFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_tokens"],
+        }
+    },
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
@@ -251,3 +265,30 @@ PORTAL_REVIEWERS_GROUP = "Reviewers"
 PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS = envint("PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS", 300, minimum=10)
 PORTAL_OUTBOX_MAX_ATTEMPTS = envint("PORTAL_OUTBOX_MAX_ATTEMPTS", 10, minimum=1)
 PORTAL_REQUIRE_SERVICES = envbool("PORTAL_REQUIRE_SERVICES", False)
+
+# --- Weights: storage, download links, serving ---------------------------------
+WEIGHTS_STORAGE = envchoice("WEIGHTS_STORAGE", "local", ("local", "s3"))
+WEIGHTS_LOCAL_ROOT = Path(envstr("WEIGHTS_LOCAL_ROOT", str(VAR_DIR / "weights")))
+WEIGHTS_S3_BUCKET = envstr("WEIGHTS_S3_BUCKET", "")
+WEIGHTS_S3_ENDPOINT_URL = envstr("WEIGHTS_S3_ENDPOINT_URL", "") or None
+WEIGHTS_S3_REGION = envstr("WEIGHTS_S3_REGION", "us-east-1")
+WEIGHTS_S3_ACCESS_KEY_ID = envstr("WEIGHTS_S3_ACCESS_KEY_ID", "") or None
+WEIGHTS_S3_SECRET_ACCESS_KEY = envstr("WEIGHTS_S3_SECRET_ACCESS_KEY", "") or None
+WEIGHTS_S3_ADDRESSING_STYLE = envchoice(
+    "WEIGHTS_S3_ADDRESSING_STYLE", "path", ("path", "virtual", "auto")
+)
+WEIGHTS_S3_MULTIPART_THRESHOLD = envint(
+    "WEIGHTS_S3_MULTIPART_THRESHOLD", 64 * 1024 * 1024, minimum=5 * 1024 * 1024
+)
+if WEIGHTS_STORAGE == "s3" and not WEIGHTS_S3_BUCKET:
+    raise ImproperlyConfigured("WEIGHTS_STORAGE=s3 needs WEIGHTS_S3_BUCKET")
+# A presigned GET is minted per request and lives at most 10 minutes.
+WEIGHTS_PRESIGN_SECONDS = envint("WEIGHTS_PRESIGN_SECONDS", 300, minimum=10)
+if WEIGHTS_PRESIGN_SECONDS > 600:
+    raise ImproperlyConfigured("WEIGHTS_PRESIGN_SECONDS must be at most 600")
+# When set (e.g. /protected-weights/), local files are handed to nginx with X-Accel-Redirect.
+WEIGHTS_X_ACCEL_PREFIX = envstr("WEIGHTS_X_ACCEL_PREFIX", "")
+WEIGHTS_LINK_LIFETIME_HOURS = envint("WEIGHTS_LINK_LIFETIME_HOURS", 24, minimum=1)
+WEIGHTS_LINK_BUDGET_COPIES = envint("WEIGHTS_LINK_BUDGET_COPIES", 5, minimum=1)
+WEIGHTS_LINK_MAX_IPS = envint("WEIGHTS_LINK_MAX_IPS", 5, minimum=1)
+WEIGHTS_FRESH_LINK_RATE = envstr("WEIGHTS_FRESH_LINK_RATE", "5/h")

@@ -88,6 +88,14 @@ def reviewer(db):
 
 
 @pytest.fixture
+def reviewer_client(client, reviewer, password):
+    """A client signed in as the reviewer with password and TOTP code, as the admin requires."""
+    from tests.twofactor import login_with_2fa
+
+    return login_with_2fa(client, reviewer, password)
+
+
+@pytest.fixture
 def password() -> str:
     return "correct horse battery staple"
 

@@ -1,13 +1,28 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
+from django.db.models import Q
+from django.utils import timezone
 
 
 class Release(models.Model):
-    """A downloadable model release. The weights issue extends it with files."""
+    """A downloadable model release (e.g. llama-7b) and its files."""
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
+    family = models.CharField(max_length=64, default="llama")
+    parameter_count = models.BigIntegerField(null=True, blank=True)
+    license = models.ForeignKey(
+        "access.LicenseVersion",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="releases",
+        help_text="The license the release is distributed under (the current version applies to downloads).",
+    )
+    description = models.TextField(blank=True)
+    published_at = models.DateTimeField(null=True, blank=True)
     sort_order = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -16,3 +31,126 @@ class Release(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def is_published(self) -> bool:
+        return self.published_at is not None
+
+
+class Artifact(models.Model):
+    """One file of a release: `path` is what researchers see, `storage_key` where the bytes live."""
+
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="artifacts")
+    path = models.CharField(max_length=500)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    md5 = models.CharField(max_length=32)
+    storage_key = models.CharField(max_length=600)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["release", "path"]
+        constraints = [
+            models.UniqueConstraint(fields=["release", "path"], name="one_artifact_per_path")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.release.slug}/{self.path}"
+
+
+class DownloadLink(models.Model):
+    """A bearer link for one grant. Only the SHA-256 of its token is stored."""
+
+    grant = models.ForeignKey(
+        "access.Grant", on_delete=models.CASCADE, related_name="download_links"
+    )
+    token_hash = models.CharField(max_length=64, unique=True)
+    token_hint = models.CharField(
+        max_length=8, help_text="First characters of the token, to tell links apart."
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    budget_copies = models.PositiveIntegerField(
+        help_text="Full copies of each file this link may fetch."
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    revoke_reason = models.CharField(max_length=300, blank=True)
+    flagged_at = models.DateTimeField(
+        null=True, blank=True, help_text="Used from too many IP addresses."
+    )
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["grant"],
+                condition=Q(revoked_at__isnull=True),
+                name="one_live_link_per_grant",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"link {self.token_hint}… for {self.grant}"
+
+    def is_expired(self, now=None) -> bool:
+        return (now or timezone.now()) >= self.expires_at
+
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class LinkUsage(models.Model):
+    """Bytes charged to a link for one file; the budget is budget_copies × file size."""
+
+    link = models.ForeignKey(DownloadLink, on_delete=models.CASCADE, related_name="usages")
+    artifact = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="+")
+    bytes_charged = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["link", "artifact"], name="one_usage_per_link_file")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.bytes_charged} B of {self.artifact} on {self.link}"
+
+
+class DownloadEvent(models.Model):
+    class Outcome(models.TextChoices):
+        SERVED = "served", "Served"
+        PARTIAL = "partial", "Partially served (client stopped)"
+        REDIRECTED = "redirected", "Redirected to storage"
+        NOT_MODIFIED = "not_modified", "Not modified"
+        EXPIRED = "expired", "Link expired"
+        REVOKED = "revoked", "Link or grant revoked"
+        LICENSE = "license", "License must be re-accepted"
+        BUDGET = "budget", "Budget spent"
+        BAD_RANGE = "bad_range", "Unsatisfiable range"
+        NOT_FOUND = "not_found", "No such file"
+        INVALID = "invalid", "Invalid token"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, related_name="+"
+    )
+    link = models.ForeignKey(
+        DownloadLink, on_delete=models.CASCADE, null=True, related_name="events"
+    )
+    artifact = models.ForeignKey(
+        Artifact, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True)
+    range_header = models.CharField(max_length=200, blank=True)
+    bytes = models.BigIntegerField(default=0)
+    status_code = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=20, choices=Outcome.choices)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_outcome_display()} {self.bytes} B"

@@ -13,6 +13,9 @@ REVIEWER_PERMISSIONS = (
     ("access", "view_licenseacceptance"),
     ("access", "view_notification"),
     ("weights", "view_release"),
+    ("weights", "view_artifact"),
+    ("weights", "view_downloadlink"),
+    ("weights", "view_downloadevent"),
 )
 
 

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from allauth.mfa import app_settings as mfa_settings
-from allauth.mfa.totp.internal.auth import (
-    TOTP,
-    format_hotp_value,
-    generate_totp_secret,
-    hotp_value,
-    yield_hotp_counters_from_time,
-)
-from django.conf import settings
-from django.contrib.auth.models import Group, Permission
+from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.core import mail
 from django.core.cache import cache
@@ -25,64 +14,18 @@ from django.utils import timezone
 from access import errors
 from access.models import Application, ApplicationEvent, Grant, LicenseVersion, Notification
 from access.services.applications import application_save_draft
+from access.services.reviewers import reviewers_group_ensure
 from access.services.reviews import application_approve
 from portal.admin_site import NEEDS_TOTP
 from tests.factories import UserFactory
+from tests.twofactor import activate_totp, login_with_2fa, password_login
 
 Status = Application.Status
 CHANGELIST = "admin:access_application_changelist"
 
-REVIEWER_PERMISSIONS = (
-    ("access", "view_application"),
-    ("access", "decide_application"),
-    ("access", "view_applicationevent"),
-    ("access", "view_grant"),
-    ("access", "view_licenseversion"),
-    ("access", "view_licenseacceptance"),
-    ("access", "view_notification"),
-    ("weights", "view_release"),
-)
 
-
-def reviewers_group() -> Group:
-    group, _ = Group.objects.get_or_create(name=settings.PORTAL_REVIEWERS_GROUP)
-    group.permissions.add(
-        *(
-            Permission.objects.get(content_type__app_label=app, codename=codename)
-            for app, codename in REVIEWER_PERMISSIONS
-        )
-    )
-    return group
-
-
-def current_totp_code(secret: str) -> str:
-    # allauth accepts only the current 30 s step; do not type a code that is about to expire.
-    if mfa_settings.TOTP_PERIOD - time.time() % mfa_settings.TOTP_PERIOD < 2:
-        time.sleep(2)
-    (counter,) = yield_hotp_counters_from_time()
-    return format_hotp_value(hotp_value(secret, counter))
-
-
-def activate_totp(user) -> str:
-    secret = generate_totp_secret()
-    TOTP.activate(user, secret)
-    return secret
-
-
-def password_login(client: Client, user, password: str):
-    return client.post(reverse("account_login"), {"login": user.email, "password": password})
-
-
-def login_with_2fa(client: Client, user, password: str) -> Client:
-    """Sign in through allauth: password, then the authenticator code."""
-    secret = activate_totp(user)
-    response = password_login(client, user, password)
-    assert response.status_code == 302
-    assert response["Location"] == reverse("mfa_authenticate")
-    response = client.post(reverse("mfa_authenticate"), {"code": current_totp_code(secret)})
-    assert response.status_code == 302, response.content[:2000]
-    assert client.session["_auth_user_id"] == str(user.pk)
-    return client
+def reviewers_group():
+    return reviewers_group_ensure()
 
 
 def messages_of(response) -> list[tuple[str, str]]:
@@ -114,12 +57,6 @@ def run_action(client: Client, action: str, applications, **form):
 def _fresh_cache():
     # allauth remembers used TOTP codes and rate limits in the cache.
     cache.clear()
-
-
-@pytest.fixture
-def reviewer_client(client, reviewer, password):
-    reviewers_group()
-    return login_with_2fa(client, reviewer, password)
 
 
 @pytest.fixture
@@ -339,7 +276,12 @@ def test_approve_two_of_three_requested_releases(
     notification = Notification.objects.get(kind="application_approved")
     assert notification.recipient == alice.email
     assert notification.context["not_granted"] == ["LLaMA 33B"]
-    (email,) = mail.outbox
+    email, *link_emails = mail.outbox
+    # Each grant also gets its own download-link email (weights app).
+    assert sorted(m.subject for m in link_emails) == [
+        "[LLaMA access] Your download link for LLaMA 13B",
+        "[LLaMA access] Your download link for LLaMA 7B",
+    ]
     assert email.to == [alice.email]
     assert f"Application #{alice_app.pk} approved" in email.subject
     assert "is approved for: LLaMA 13B, LLaMA 7B." in email.body

@@ -1,0 +1,137 @@
+"""Reviewers see releases, links and every download; they revoke links here."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import Count, Sum
+from django.http import HttpRequest
+from django.template.defaultfilters import filesizeformat
+
+from access import admin_actions
+from access.admin import DecidePermissionMixin, ReadOnlyAdmin
+from weights.models import Artifact, DownloadEvent, DownloadLink, Release
+from weights.services.links import link_revoke
+
+
+class ArtifactInline(admin.TabularInline):
+    model = Artifact
+    fields = ("path", "size", "sha256", "md5", "storage_key")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(Release)
+class ReleaseAdmin(admin.ModelAdmin):
+    list_display = ("name", "slug", "family", "parameter_count", "files", "size", "published_at")
+    fields = (
+        "name",
+        "slug",
+        "family",
+        "parameter_count",
+        "license",
+        "description",
+        "sort_order",
+        "published_at",
+    )
+    readonly_fields = ("published_at",)
+    inlines = [ArtifactInline]
+
+    def get_queryset(self, request: HttpRequest):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(_files=Count("artifacts"), _size=Sum("artifacts__size"))
+        )
+
+    @admin.display(ordering="_files")
+    def files(self, obj: Release) -> int:
+        return obj._files
+
+    @admin.display(ordering="_size")
+    def size(self, obj: Release) -> str:
+        return filesizeformat(obj._size or 0)
+
+
+class LinkStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("live", "Live"),
+            ("revoked", "Revoked"),
+            ("flagged", "Flagged (many IP addresses)"),
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() == "live":
+            return queryset.filter(revoked_at__isnull=True)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        if self.value() == "flagged":
+            return queryset.filter(flagged_at__isnull=False)
+        return queryset
+
+
+@admin.register(DownloadLink)
+class DownloadLinkAdmin(DecidePermissionMixin, ReadOnlyAdmin):
+    list_display = (
+        "token_hint",
+        "user",
+        "release",
+        "created_at",
+        "expires_at",
+        "budget_copies",
+        "revoked_at",
+        "flagged_at",
+    )
+    list_filter = (LinkStateFilter, "grant__release")
+    search_fields = ("grant__user__email", "token_hint")
+    list_select_related = ("grant__user", "grant__release")
+    exclude = ("token_hash",)
+    actions = ("revoke_selected_links",)
+
+    @admin.display(ordering="grant__user__email")
+    def user(self, obj: DownloadLink) -> str:
+        return obj.grant.user.email
+
+    @admin.display(ordering="grant__release__slug")
+    def release(self, obj: DownloadLink) -> str:
+        return obj.grant.release.slug
+
+    @admin.action(description="Revoke selected links…", permissions=["decide"])
+    def revoke_selected_links(self, request: HttpRequest, queryset):
+        return admin_actions.bulk_page(
+            self,
+            request,
+            queryset.select_related("grant__user", "grant__release"),
+            title="Revoke the selected download links",
+            submit="Revoke",
+            make_form=admin_actions.ReasonForm,
+            run=lambda link, data: link_revoke(
+                link=link, actor=request.user, reason=data["reason"]
+            ),
+            done="Revoked",
+        )
+
+
+@admin.register(DownloadEvent)
+class DownloadEventAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "user",
+        "artifact",
+        "ip_address",
+        "range_header",
+        "bytes",
+        "status_code",
+        "outcome",
+    )
+    list_filter = ("outcome", "status_code", "created_at")
+    search_fields = ("user__email", "ip_address", "artifact__path")
+    list_select_related = ("user", "artifact__release")
+    date_hierarchy = "created_at"

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Count, QuerySet, Sum
+
+from access.models import Grant
+from weights.models import Artifact, DownloadLink, LinkUsage, Release
+
+
+def catalogue() -> QuerySet[Release]:
+    return Release.objects.annotate(
+        total_size=Sum("artifacts__size"), file_count=Count("artifacts")
+    ).select_related("license")
+
+
+@dataclass(frozen=True)
+class FileBudget:
+    artifact: Artifact
+    remaining_bytes: int
+
+    @property
+    def remaining_copies(self) -> float:
+        return self.remaining_bytes / self.artifact.size if self.artifact.size else 0.0
+
+
+@dataclass(frozen=True)
+class GrantDownloads:
+    grant: Grant
+    link: DownloadLink | None
+    files: list[FileBudget]
+
+
+def downloads_for(*, user: AbstractBaseUser) -> list[GrantDownloads]:
+    """The user's grants, each with its live link and the budget left per file."""
+    result = []
+    grants = (
+        Grant.objects.filter(user=user)
+        .select_related("release", "license_version")
+        .order_by("-created_at")
+    )
+    for grant in grants:
+        link = grant.download_links.filter(revoked_at__isnull=True).order_by("-created_at").first()
+        files: list[FileBudget] = []
+        if link is not None:
+            used = dict(
+                LinkUsage.objects.filter(link=link).values_list("artifact_id", "bytes_charged")
+            )
+            files = [
+                FileBudget(
+                    artifact=a,
+                    remaining_bytes=max(0, link.budget_copies * a.size - used.get(a.pk, 0)),
+                )
+                for a in grant.release.artifacts.all()
+            ]
+        result.append(GrantDownloads(grant=grant, link=link, files=files))
+    return result

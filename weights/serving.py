@@ -1,0 +1,450 @@
+"""Download link endpoints: /d/<token>/ (landing), manifest.json, download.sh and the files.
+
+Every request re-resolves the token (expiry, revocation, grant, license). Only file
+bodies cost budget, and only the bytes sent (local) or authorised (S3, X-Accel).
+Rules live in weights.services.links; Range parsing in weights.ranges; refusal
+pages in weights.refusals.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+from django.conf import settings
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.shortcuts import render
+from django.template.defaultfilters import filesizeformat
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.http import content_disposition_header
+
+from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
+from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
+from weights.refusals import (
+    Refusal,
+    bad_range,
+    not_found,
+    protect,
+    quiet,
+    refusal_response,
+    unavailable,
+)
+from weights.services.events import download_event_record
+from weights.services.links import (
+    LinkRefused,
+    budget_limit,
+    budget_refund,
+    budget_reserve,
+    link_resolve,
+)
+from weights.storage import StorageError, get_storage
+
+logger = logging.getLogger("weights.serving")
+
+Outcome = DownloadEvent.Outcome
+CHUNK_SIZE = 1024 * 1024
+FILE_CACHE = "private"  # a browser may keep the bytes; shared caches may not
+
+
+def _safe_methods(view: Callable) -> Callable:
+    """Like require_safe, without django.request logging the path (it holds the token)."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return quiet(protect(HttpResponseNotAllowed(["GET", "HEAD"])))
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+# --- landing page, manifest, download.sh: no budget, no download events -------------------
+
+
+@dataclass(frozen=True)
+class FileRow:
+    artifact: Artifact
+    url: str
+    remaining_bytes: int
+
+    @property
+    def size_human(self) -> str:
+        return filesizeformat(self.artifact.size)
+
+
+def _file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[FileRow]:
+    charged = dict(LinkUsage.objects.filter(link=link).values_list("artifact_id", "bytes_charged"))
+    return [
+        FileRow(
+            artifact=artifact,
+            url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
+            remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
+        )
+        for artifact in link.grant.release.artifacts.order_by("path")
+    ]
+
+
+def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = None):
+    try:
+        return link_resolve(token), None
+    except LinkRefused as error:
+        return None, refusal_response(request, Refusal.from_error(error), as_json=as_json)
+
+
+@_safe_methods
+def landing(request: HttpRequest, token: str) -> HttpResponse:
+    link, refused = _resolve_page(request, token)
+    if refused:
+        return refused
+    landing_url = request.build_absolute_uri(reverse("weights:landing", args=[token]))
+    rows = _file_rows(request, link, token)
+    context = {
+        "link": link,
+        "release": link.grant.release,
+        "files": rows,
+        "total_size": sum(row.artifact.size for row in rows),
+        "landing_url": landing_url,
+        "cli_command": f'python -m weights.download "{landing_url}"',
+        "script_url": reverse("weights:download_script", args=[token]),
+        "manifest_url": reverse("weights:manifest", args=[token]),
+        "downloads_url": reverse("weights:my_downloads"),
+    }
+    return protect(render(request, "weights/landing.html", context))
+
+
+@_safe_methods
+def manifest(request: HttpRequest, token: str) -> HttpResponse:
+    link, refused = _resolve_page(request, token, as_json=True)
+    if refused:
+        return refused
+    release = link.grant.release
+    files = [
+        {
+            "path": row.artifact.path,
+            "size": row.artifact.size,
+            "sha256": row.artifact.sha256,
+            "md5": row.artifact.md5,
+            "url": row.url,
+            "remaining_bytes": row.remaining_bytes,
+        }
+        for row in _file_rows(request, link, token)
+    ]
+    body = {
+        "release": release.slug,
+        "name": release.name,
+        "expires_at": link.expires_at.isoformat(),
+        "budget_copies": link.budget_copies,
+        "files": files,
+    }
+    return protect(JsonResponse(body))
+
+
+@_safe_methods
+def download_script(request: HttpRequest, token: str) -> HttpResponse:
+    link, refused = _resolve_page(request, token)
+    if refused:
+        return refused
+    release = link.grant.release
+    base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
+    # Paths the file endpoint could not serve would also break the script's here-documents.
+    artifacts = [a for a in release.artifacts.order_by("path") if artifact_path_ok(a.path)]
+    context = {
+        "title": " ".join(release.name.split()),  # one line: it goes into a comment
+        "link": link,
+        "presigned_url": shlex.quote(base + "*"),
+        "files": [(quote(a.path), a.path) for a in artifacts],
+        "sha256_lines": [f"{a.sha256}  {a.path}" for a in artifacts],
+        "sums_name": f"{release.slug}.sha256",
+        "checklists": [
+            a.path for a in artifacts if posixpath.basename(a.path).endswith("checklist.chk")
+        ],
+    }
+    response = HttpResponse(
+        render_to_string("weights/download.sh", context), content_type="text/x-shellscript"
+    )
+    response["Content-Disposition"] = content_disposition_header(True, "download.sh")
+    return protect(response)
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def artifact_path_ok(path: str) -> bool:
+    """A release-relative path: no `..` or `.` segments, not absolute, no backslash, NUL or
+    control characters, no empty segments. Checked before any lookup, so storage is never
+    asked for anything a release could not contain."""
+    if not path or path.startswith("/") or "\\" in path:
+        return False
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        return False
+    return all(segment not in ("", ".", "..") for segment in path.split("/"))
+
+
+def _artifact_for(link: DownloadLink, path: str) -> Artifact | None:
+    """The file at `path` in the link's own release, or None."""
+    if not artifact_path_ok(path):
+        return None
+    return Artifact.objects.filter(release_id=link.grant.release_id, path=path).first()
+
+
+@dataclass(frozen=True)
+class Visit:
+    """Who asked for what, for the DownloadEvent every file request records."""
+
+    ip_address: str | None
+    user_agent: str
+    range_header: str
+
+    @classmethod
+    def of(cls, request: HttpRequest) -> Visit:
+        return cls(
+            ip_address=request.META.get("REMOTE_ADDR") or None,
+            user_agent=request.headers.get("User-Agent", ""),
+            range_header=request.headers.get("Range", ""),
+        )
+
+    def record(
+        self,
+        *,
+        link: DownloadLink | None,
+        artifact: Artifact | None,
+        nbytes: int,
+        status: int,
+        outcome: str,
+    ) -> None:
+        download_event_record(
+            link=link,
+            user=link.grant.user if link else None,
+            artifact=artifact,
+            ip_address=self.ip_address,
+            user_agent=self.user_agent,
+            range_header=self.range_header,
+            nbytes=nbytes,
+            status_code=status,
+            outcome=outcome,
+        )
+
+
+def _refuse_file(
+    request: HttpRequest,
+    visit: Visit,
+    refusal: Refusal,
+    *,
+    link: DownloadLink | None,
+    artifact: Artifact | None,
+) -> HttpResponse:
+    visit.record(
+        link=link, artifact=artifact, nbytes=0, status=refusal.status, outcome=refusal.outcome
+    )
+    return refusal_response(request, refusal)
+
+
+@_safe_methods
+def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
+    visit = Visit.of(request)
+    try:
+        link = link_resolve(token)
+    except LinkRefused as error:
+        artifact = _artifact_for(error.link, path) if error.link else None
+        return _refuse_file(
+            request, visit, Refusal.from_error(error), link=error.link, artifact=artifact
+        )
+    artifact = _artifact_for(link, path)
+    if artifact is None:
+        return _refuse_file(request, visit, not_found(), link=link, artifact=None)
+
+    etag = f'"{artifact.sha256}"'
+    if request.method == "HEAD":  # Range does not apply to HEAD; nothing is charged
+        visit.record(link=link, artifact=artifact, nbytes=0, status=200, outcome=Outcome.SERVED)
+        return _file_headers(HttpResponse(), artifact, etag, artifact.size)
+    if etag_matches(request.headers.get("If-None-Match"), etag):
+        visit.record(
+            link=link, artifact=artifact, nbytes=0, status=304, outcome=Outcome.NOT_MODIFIED
+        )
+        return _file_headers(HttpResponse(status=304), artifact, etag, None)
+    try:
+        allowed = if_range_allows(request.headers.get("If-Range"), etag)
+        byte_range = parse_range(visit.range_header if allowed else None, artifact.size)
+    except Unsatisfiable:
+        visit.record(link=link, artifact=artifact, nbytes=0, status=416, outcome=Outcome.BAD_RANGE)
+        response = refusal_response(request, bad_range(artifact.size))
+        response["Content-Range"] = f"bytes */{artifact.size}"
+        return response
+
+    storage = get_storage()
+    try:
+        local = storage.local_path(artifact.storage_key)
+    except StorageError:
+        logger.exception("artifact %s has an unusable storage key", artifact.pk)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+    if local is None:
+        return _serve_redirect(request, visit, storage, link, artifact, byte_range)
+    if settings.WEIGHTS_X_ACCEL_PREFIX:
+        return _serve_accel(request, visit, link, artifact, byte_range, etag)
+    return _serve_local(request, visit, local, link, artifact, byte_range, etag)
+
+
+def _file_headers(
+    response: HttpResponse, artifact: Artifact, etag: str, length: int | None
+) -> HttpResponse:
+    response["ETag"] = etag
+    response["Accept-Ranges"] = "bytes"
+    response["Content-Type"] = "application/octet-stream"
+    response["Content-Disposition"] = content_disposition_header(
+        True, posixpath.basename(artifact.path)
+    )
+    if length is not None:
+        response["Content-Length"] = str(length)
+    return protect(response, cache=FILE_CACHE)
+
+
+def _reserve(
+    request: HttpRequest, visit: Visit, link: DownloadLink, artifact: Artifact, nbytes: int
+) -> HttpResponse | None:
+    """Charge nbytes or return the 429 refusal (already recorded)."""
+    try:
+        budget_reserve(link=link, artifact=artifact, nbytes=nbytes)
+    except LinkRefused as error:
+        return _refuse_file(request, visit, Refusal.from_error(error), link=link, artifact=artifact)
+    return None
+
+
+def _serve_local(
+    request: HttpRequest,
+    visit: Visit,
+    local: Path,
+    link: DownloadLink,
+    artifact: Artifact,
+    byte_range: ByteRange | None,
+    etag: str,
+) -> HttpResponse:
+    start, length = (byte_range.start, byte_range.length) if byte_range else (0, artifact.size)
+    try:
+        handle = local.open("rb")
+    except OSError:
+        logger.exception("artifact %s is missing from local storage", artifact.pk)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+    refused = _reserve(request, visit, link, artifact, length)
+    if refused:
+        handle.close()
+        return refused
+    status = 206 if byte_range else 200
+    stream = MeteredStream(handle, start, length, on_close=_settle(visit, link, artifact, status))
+    response = StreamingHttpResponse(stream, status=status)
+    if byte_range:
+        response["Content-Range"] = byte_range.content_range
+    return _file_headers(response, artifact, etag, length)
+
+
+def _settle(visit: Visit, link: DownloadLink, artifact: Artifact, status: int):
+    """What happens when a stream ends: refund what was reserved but not sent, record it."""
+
+    def settle(reserved: int, sent: int) -> None:
+        budget_refund(link=link, artifact=artifact, nbytes=reserved - sent)
+        outcome = Outcome.SERVED if sent == reserved else Outcome.PARTIAL
+        visit.record(link=link, artifact=artifact, nbytes=sent, status=status, outcome=outcome)
+
+    return settle
+
+
+class MeteredStream:
+    """Yields `length` bytes from `start` in chunks and settles the account exactly once, on
+    close(), even when iteration never began. A chunk counts as sent once the server asks for
+    the next one (its write returned) or the stream ends: a client that goes away is charged
+    only for what it received."""
+
+    def __init__(
+        self, handle: BinaryIO, start: int, length: int, *, on_close: Callable[[int, int], None]
+    ) -> None:
+        self.handle, self.start, self.length = handle, start, length
+        self.sent = 0
+        self._on_close = on_close
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.handle.seek(self.start)
+        remaining = self.length
+        while remaining > 0 and not self._closed:
+            chunk = self.handle.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                break  # the file is shorter than recorded: the refund covers the rest
+            yield chunk
+            self.sent += len(chunk)
+            remaining -= len(chunk)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.handle.close()
+        try:
+            self._on_close(self.length, self.sent)
+        except Exception:
+            # Django swallows errors raised by closers; make sure this one is seen.
+            logger.exception("could not settle a download stream")
+            raise
+
+
+def _serve_accel(
+    request: HttpRequest,
+    visit: Visit,
+    link: DownloadLink,
+    artifact: Artifact,
+    byte_range: ByteRange | None,
+    etag: str,
+) -> HttpResponse:
+    """nginx sends the bytes (and applies the Range itself); we charge the authorised range."""
+    nbytes = byte_range.length if byte_range else artifact.size
+    refused = _reserve(request, visit, link, artifact, nbytes)
+    if refused:
+        return refused
+    status = 206 if byte_range else 200
+    visit.record(link=link, artifact=artifact, nbytes=nbytes, status=status, outcome=Outcome.SERVED)
+    response = _file_headers(HttpResponse(b""), artifact, etag, None)
+    response["X-Accel-Redirect"] = settings.WEIGHTS_X_ACCEL_PREFIX + quote(artifact.storage_key)
+    return response
+
+
+def _serve_redirect(
+    request: HttpRequest,
+    visit: Visit,
+    storage,
+    link: DownloadLink,
+    artifact: Artifact,
+    byte_range: ByteRange | None,
+) -> HttpResponse:
+    """S3: a presigned GET minted now, valid for minutes; we charge the authorised range."""
+    nbytes = byte_range.length if byte_range else artifact.size
+    refused = _reserve(request, visit, link, artifact, nbytes)
+    if refused:
+        return refused
+    try:
+        url = storage.presigned_get(
+            artifact.storage_key,
+            expires_in=settings.WEIGHTS_PRESIGN_SECONDS,
+            filename=posixpath.basename(artifact.path),
+            byte_range=byte_range.header if byte_range else None,
+        )
+    except StorageError:
+        budget_refund(link=link, artifact=artifact, nbytes=nbytes)
+        logger.exception("could not presign artifact %s", artifact.pk)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+    visit.record(
+        link=link, artifact=artifact, nbytes=nbytes, status=302, outcome=Outcome.REDIRECTED
+    )
+    return protect(HttpResponseRedirect(url))
