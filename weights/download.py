@@ -47,6 +47,7 @@ import http.client
 import json
 import os
 import posixpath
+import queue
 import random
 import re
 import shutil
@@ -695,6 +696,69 @@ def _response_start(job: Job, response: http.client.HTTPResponse, reporter: Repo
     raise FileFailed(f"unexpected reply HTTP {response.status}")
 
 
+class BackgroundHasher:
+    """Feeds a SHA-256 on its own thread, so hashing overlaps receiving and writing.
+
+    Chunks are read into buffers taken from a small pool and handed over once written; a
+    buffer comes back to the pool when it has been hashed (hashlib releases the GIL).
+    """
+
+    def __init__(self, sha: Any, chunk_size: int, depth: int = 4) -> None:
+        self._sha = sha
+        self._todo: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(bytearray(chunk_size))
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def buffer(self) -> bytearray:
+        return self._free.get()
+
+    def give_back(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+    def submit(self, buffer: bytearray, n: int) -> None:
+        self._todo.put((buffer, n))
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            buffer, n = item
+            self._sha.update(memoryview(buffer)[:n])
+            self._free.put(buffer)
+
+    def finish(self) -> Any:
+        """Wait until every submitted chunk is hashed; return the sha256 object."""
+        self._todo.put(None)
+        self._thread.join()
+        return self._sha
+
+
+class _NoHash:
+    """The same interface without hashing (the benchmark's transfer-only mode)."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self._buffer = bytearray(chunk_size)
+
+    def buffer(self) -> bytearray:
+        return self._buffer
+
+    def give_back(self, buffer: bytearray) -> None:
+        pass
+
+    def submit(self, buffer: bytearray, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+def _write_all(out: IO[bytes], chunk: memoryview) -> None:
+    while chunk:
+        written = out.write(chunk)
+        chunk = chunk[written or 0 :]
+
+
 def _stream(
     job: Job,
     response: http.client.HTTPResponse,
@@ -703,24 +767,45 @@ def _stream(
     opts: Options,
     reporter: Reporter,
 ) -> None:
+    """Copy the body into .part from job.offset on; every byte written is hashed, also when
+    this raises (job.hasher then covers exactly job.offset bytes, ready for a resume)."""
+    pipe = BackgroundHasher(hasher, opts.chunk_size) if hasher is not None else None
+    buffers = pipe or _NoHash(opts.chunk_size)
+    try:
+        _copy(job, response, out, buffers, opts, reporter)
+    finally:
+        if pipe is not None:
+            job.hasher, job.hashed = pipe.finish(), job.offset
+
+
+def _copy(
+    job: Job,
+    response: http.client.HTTPResponse,
+    out: IO[bytes],
+    buffers: BackgroundHasher | _NoHash,
+    opts: Options,
+    reporter: Reporter,
+) -> None:
     size = job.remote.size
-    buffer = bytearray(opts.chunk_size)
-    view = memoryview(buffer)
     while job.offset < size:
         if opts.cancel.is_set():
             raise Cancelled()
-        want = min(len(buffer), size - job.offset)
+        buffer = buffers.buffer()
+        view = memoryview(buffer)[: min(len(buffer), size - job.offset)]
         try:
-            n = response.readinto(view[:want])
+            n = response.readinto(view)
         except (OSError, http.client.HTTPException) as exc:
+            buffers.give_back(buffer)
             raise TransientError(f"transfer interrupted at {human(job.offset)}: {exc!r}") from None
         if not n:
+            buffers.give_back(buffer)
             raise TransientError(f"connection closed after {human(job.offset)} of {human(size)}")
-        chunk = view[:n]
-        out.write(chunk)
-        if hasher is not None:
-            hasher.update(chunk)
-            job.hashed += n
+        try:
+            _write_all(out, view[:n])
+        except BaseException:
+            buffers.give_back(buffer)
+            raise
+        buffers.submit(buffer, n)
         job.offset += n
         reporter.advance(job.remote.path, n)
 

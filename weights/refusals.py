@@ -8,9 +8,11 @@ echoes the request URL: the URL holds the bearer token.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import wraps
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.template.loader import render_to_string
 from django.urls import reverse
 
@@ -59,7 +61,7 @@ class Refusal:
     message: str
     outcome: str
     action_url: str = ""
-    hint: str = ""  # a token hint for our own log line, never the token
+    link_id: int | None = None  # for our own log line: never the token, nor part of it
 
     @classmethod
     def from_error(cls, error: LinkRefused) -> Refusal:
@@ -69,7 +71,7 @@ class Refusal:
             message=str(error),
             outcome=_OUTCOMES.get(type(error), Outcome.REVOKED),
             action_url=error.action_url,
-            hint=error.link.token_hint if error.link else "",
+            link_id=error.link.pk if error.link else None,
         )
 
 
@@ -99,6 +101,18 @@ def quiet(response: HttpResponse) -> HttpResponse:
     return response
 
 
+def safe_methods(view: Callable) -> Callable:
+    """Like require_safe, without django.request logging the path (it holds the token)."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return quiet(protect(HttpResponseNotAllowed(["GET", "HEAD"])))
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
 def wants_json(request: HttpRequest) -> bool:
     accept = request.headers.get("Accept", "")
     return any(
@@ -126,5 +140,5 @@ def refusal_response(
         }
         body = render_to_string("weights/refused.html", context, request=request)
         response = HttpResponse(body, status=refusal.status)
-    logger.info("download refused: %s (link %s)", refusal.code, refusal.hint or "-")
+    logger.info("download refused: %s (link id %s)", refusal.code, refusal.link_id or "-")
     return quiet(protect(response))

@@ -13,7 +13,6 @@ import posixpath
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import wraps
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
@@ -22,7 +21,6 @@ from django.conf import settings
 from django.http import (
     HttpRequest,
     HttpResponse,
-    HttpResponseNotAllowed,
     HttpResponseRedirect,
     JsonResponse,
     StreamingHttpResponse,
@@ -40,8 +38,8 @@ from weights.refusals import (
     bad_range,
     not_found,
     protect,
-    quiet,
     refusal_response,
+    safe_methods,
     unavailable,
 )
 from weights.services.events import download_event_record
@@ -59,18 +57,6 @@ logger = logging.getLogger("weights.serving")
 Outcome = DownloadEvent.Outcome
 CHUNK_SIZE = 1024 * 1024
 FILE_CACHE = "private"  # a browser may keep the bytes; shared caches may not
-
-
-def _safe_methods(view: Callable) -> Callable:
-    """Like require_safe, without django.request logging the path (it holds the token)."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if request.method not in ("GET", "HEAD"):
-            return quiet(protect(HttpResponseNotAllowed(["GET", "HEAD"])))
-        return view(request, *args, **kwargs)
-
-    return wrapper
 
 
 # --- landing page, manifest, download.sh: no budget, no download events -------------------
@@ -106,7 +92,7 @@ def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = No
         return None, refusal_response(request, Refusal.from_error(error), as_json=as_json)
 
 
-@_safe_methods
+@safe_methods
 def landing(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token)
     if refused:
@@ -127,7 +113,7 @@ def landing(request: HttpRequest, token: str) -> HttpResponse:
     return protect(render(request, "weights/landing.html", context))
 
 
-@_safe_methods
+@safe_methods
 def manifest(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token, as_json=True)
     if refused:
@@ -154,7 +140,7 @@ def manifest(request: HttpRequest, token: str) -> HttpResponse:
     return protect(JsonResponse(body))
 
 
-@_safe_methods
+@safe_methods
 def download_script(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token)
     if refused:
@@ -254,7 +240,7 @@ def _refuse_file(
     return refusal_response(request, refusal)
 
 
-@_safe_methods
+@safe_methods
 def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
     visit = Visit.of(request)
     try:
@@ -409,6 +395,9 @@ def _serve_accel(
     etag: str,
 ) -> HttpResponse:
     """nginx sends the bytes (and applies the Range itself); we charge the authorised range."""
+    if request.headers.get("If-Range") is not None:
+        # nginx checks If-Range against its own ETag, never ours, and sends the whole file.
+        byte_range = None
     nbytes = byte_range.length if byte_range else artifact.size
     refused = _reserve(request, visit, link, artifact, nbytes)
     if refused:
@@ -438,7 +427,8 @@ def _serve_redirect(
             artifact.storage_key,
             expires_in=settings.WEIGHTS_PRESIGN_SECONDS,
             filename=posixpath.basename(artifact.path),
-            byte_range=byte_range.header if byte_range else None,
+            # Signed in exactly as the client sent it: the client repeats it to S3.
+            byte_range=visit.range_header if byte_range else None,
         )
     except StorageError:
         budget_refund(link=link, artifact=artifact, nbytes=nbytes)

@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from django.conf import settings
 from django.core.signals import setting_changed
 
@@ -168,9 +179,6 @@ class S3Storage(WeightStorage):
 
     @functools.cached_property
     def client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": self._addressing_style},
@@ -183,19 +191,10 @@ class S3Storage(WeightStorage):
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectionError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
-
         where = f"s3://{self.bucket}/{key}"
         try:
             yield
-        except (ConnectionError, HTTPClientError, NoCredentialsError) as exc:
+        except (BotoConnectionError, HTTPClientError, NoCredentialsError) as exc:
             endpoint = self.endpoint_url or "AWS S3"
             raise StorageUnavailable(
                 f"weight storage at {endpoint} is unreachable ({action} {where}): {exc}"
@@ -211,8 +210,6 @@ class S3Storage(WeightStorage):
             raise StorageError(f"cannot {action} {where}: {exc}") from exc
 
     def put(self, key: str, source: Path, *, size: int, progress: Progress | None = None) -> bool:
-        from boto3.s3.transfer import TransferConfig
-
         validate_key(key)
         if self.size_of(key) == size:
             return False
@@ -238,8 +235,6 @@ class S3Storage(WeightStorage):
         return True
 
     def size_of(self, key: str) -> int | None:
-        from botocore.exceptions import ClientError
-
         validate_key(key)
         with self._errors("inspect", key):
             try:

@@ -1,0 +1,95 @@
+"""Storage fixtures: a local root per test, and a real S3 server (moto) on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from weights.management.commands.generate_sample_release import MIB, write_sample_release
+from weights.storage import get_storage, reset_storage
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def local_storage(settings, tmp_path):
+    settings.WEIGHTS_STORAGE = "local"
+    settings.WEIGHTS_LOCAL_ROOT = tmp_path / "store"
+    reset_storage()
+    yield get_storage()
+    reset_storage()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        message = "moto[server] is not installed: the loopback S3 server cannot start"
+        if django_settings.PORTAL_REQUIRE_SERVICES or os.environ.get("PORTAL_REQUIRE_SERVICES"):
+            pytest.fail(message + " and PORTAL_REQUIRE_SERVICES=1 forbids skipping")
+        pytest.skip(message)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def point_settings_at_s3(settings, endpoint: str, bucket: str) -> None:
+    settings.WEIGHTS_STORAGE = "s3"
+    settings.WEIGHTS_S3_ENDPOINT_URL = endpoint
+    settings.WEIGHTS_S3_BUCKET = bucket
+    settings.WEIGHTS_S3_REGION = "us-east-1"
+    settings.WEIGHTS_S3_ACCESS_KEY_ID = "testing"
+    settings.WEIGHTS_S3_SECRET_ACCESS_KEY = "testing"
+    settings.WEIGHTS_S3_ADDRESSING_STYLE = "path"
+    reset_storage()
+
+
+@pytest.fixture
+def s3_storage(settings, s3_server, monkeypatch):
+    # Loopback must never go through a proxy from the environment.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bucket = f"weights-{uuid.uuid4().hex[:12]}"
+    point_settings_at_s3(settings, s3_server, bucket)
+    storage = get_storage()
+    storage.client.create_bucket(Bucket=bucket)
+    yield storage
+    for page in storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            storage.client.delete_object(Bucket=bucket, Key=obj["Key"])
+    storage.client.delete_bucket(Bucket=bucket)
+    reset_storage()
+
+
+@pytest.fixture
+def dead_s3(settings, monkeypatch):
+    """S3 settings pointing at a loopback port where nothing listens."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    point_settings_at_s3(settings, f"http://127.0.0.1:{free_port()}", "weights")
+    yield get_storage()
+    reset_storage()
+
+
+@pytest.fixture
+def sample_release_dir(tmp_path) -> Path:
+    directory = tmp_path / "llama-7b"
+    write_sample_release(directory, size_label="7B", shards=2, shard_bytes=MIB, seed=1)
+    return directory
+
+
+def stored_objects(root: Path) -> list[Path]:
+    """Files under a local storage root, temporary ones included."""
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
