@@ -235,10 +235,8 @@ def sendfile_over_loopback(path: Path) -> int:
     return total
 
 
-def cli_download(link: str, dest: Path, *, verify: bool) -> None:
-    code, outcome = download.download(
-        link, dest=dest, jobs=1, opts=download.Options(verify=verify), quiet=True
-    )
+def cli_download(link: str, dest: Path, opts: download.Options) -> None:
+    code, outcome = download.download(link, dest=dest, jobs=1, opts=opts, quiet=True)
     if code != 0:
         raise RuntimeError(f"CLI download failed with exit code {code}: {outcome.failed}")
 
@@ -267,8 +265,10 @@ class Results:
     resume: dict[str, int | str] = field(default_factory=dict)
     download_only_s: float = 0.0
     download_verified_s: float = 0.0
+    download_verified_inline_s: float = 0.0
     verify_afterwards_s: float = 0.0
     verify_overhead: float = 0.0
+    verify_overhead_inline: float = 0.0
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -289,26 +289,39 @@ def bench_throughput(portal: Portal, results: Results, work: Path) -> None:
     results.portal_vs_disk = results.portal_http_mb_s / results.disk_read_mb_s
 
 
+MODES = {
+    "cli_no_verify": {"verify": False},
+    "cli_verified": {"verify": True, "hash_thread": True},
+    "cli_verified_inline": {"verify": True, "hash_thread": False},
+}
+
+
 def bench_verification(portal: Portal, results: Results, work: Path) -> None:
+    """The CLI without verification, with it (hashing on a second thread, the default), and
+    with hashing on the receiving thread; interleaved, rotating the order, so drift in the
+    machine's load hits all alike."""
     size, runs = results.file_bytes, results.runs
-    plain, verified, after = [], [], []
     dest = work / "cli"
-    cli_download(portal.link, dest, verify=True)  # warm-up: imports, first connection
+    cli_download(portal.link, dest, download.Options())  # warm-up: imports, first connection
     shutil.rmtree(dest)
-    for i in range(runs):  # interleaved, alternating which goes first, so drift hits both alike
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for verify in order:
-            seconds = timed(lambda v=verify: cli_download(portal.link, dest, verify=v))
-            (verified if verify else plain).append(seconds)
-            if verify:
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    after: list[float] = []
+    names = list(MODES)
+    for i in range(runs):
+        for mode in names[i % 3 :] + names[: i % 3]:
+            opts = download.Options(**MODES[mode])
+            seconds[mode].append(timed(lambda o=opts: cli_download(portal.link, dest, o)))
+            if mode == "cli_verified":
                 after.append(timed(lambda: verify_afterwards(dest / SHARD)))
             shutil.rmtree(dest)
-    results.seconds.update(cli_no_verify=plain, cli_verified=verified, sha256_pass=after)
-    results.download_only_s = statistics.median(plain)
-    results.download_verified_s = statistics.median(verified)
+    results.seconds.update(seconds, sha256_pass=after)
+    results.download_only_s = statistics.median(seconds["cli_no_verify"])
+    results.download_verified_s = statistics.median(seconds["cli_verified"])
+    results.download_verified_inline_s = statistics.median(seconds["cli_verified_inline"])
     results.verify_afterwards_s = statistics.median(after)
     results.verify_overhead = results.download_verified_s / results.download_only_s
-    results.cli_download_verified_mb_s = median_rate(size, verified)
+    results.verify_overhead_inline = results.download_verified_inline_s / results.download_only_s
+    results.cli_download_verified_mb_s = median_rate(size, seconds["cli_verified"])
     results.cli_vs_disk = results.cli_download_verified_mb_s / results.disk_read_mb_s
 
 
@@ -475,44 +488,86 @@ def summary_lines(r: Results) -> Iterator[str]:
     yield (
         f"  CLI download alone {r.download_only_s:.2f} s, with verification "
         f"{r.download_verified_s:.2f} s = {r.verify_overhead:.2f}x (target < 1.2x);"
-        f" a separate SHA-256 pass afterwards would take {r.verify_afterwards_s:.2f} s"
+        f" hashing inline instead of on a thread {r.download_verified_inline_s:.2f} s"
+        f" = {r.verify_overhead_inline:.2f}x; a separate SHA-256 pass afterwards"
+        f" {r.verify_afterwards_s:.2f} s"
     )
 
 
-def record(path: Path, r: Results) -> None:
-    lines = "\n".join(summary_lines(r))
-    s = r.resume
-    text = f"""# Download benchmark (weights)
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-`python -m weights.bench --record {path.as_posix()}` wrote this file on {r.date}.
-Machine: {r.machine}; load average {r.load_average}. Production server: gunicorn (`{" ".join(GUNICORN_ARGS)}`, sync workers,
-DEBUG off) serving local storage through `weights.serving` (no nginx, no X-Accel-Redirect).
-File: one generated shard of {r.file_bytes} bytes. Figures are medians of {r.runs} runs.
+
+def figures_markdown(r: Results) -> str:
+    s = r.resume
+    rows = [
+        (
+            "read from disk, 1 MiB chunks (page cache warm)",
+            f"{r.disk_read_mb_s:.0f} MB/s",
+            "baseline",
+        ),
+        (
+            "loopback ceiling: kernel sendfile to a discarding socket, no HTTP",
+            f"{r.loopback_sendfile_mb_s:.0f} MB/s",
+            "",
+        ),
+        (
+            "through the portal (gunicorn) over HTTP, client discards",
+            f"{r.portal_http_mb_s:.0f} MB/s = {100 * r.portal_vs_disk:.0f} % of disk",
+            ">= 80 %",
+        ),
+        (
+            "CLI: download + SHA-256 + write `.part` + rename",
+            f"{r.cli_download_verified_mb_s:.0f} MB/s = {100 * r.cli_vs_disk:.0f} % of disk",
+            "",
+        ),
+        (
+            "resume after the CLI was killed at ~50 %: bytes before the cut fetched again",
+            f"{s['refetched_before_cut']} B",
+            "0",
+        ),
+        (
+            "CLI with verification / without",
+            f"{r.download_verified_s:.2f} s / {r.download_only_s:.2f} s = {r.verify_overhead:.2f}x",
+            "< 1.2x",
+        ),
+        (
+            "same, hashing on the receiving thread",
+            f"{r.download_verified_inline_s:.2f} s = {r.verify_overhead_inline:.2f}x",
+            "",
+        ),
+        ("a separate SHA-256 pass over the finished file", f"{r.verify_afterwards_s:.2f} s", ""),
+    ]
+    table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return f"""{BEGIN}
+Measured {r.date} on {r.machine}; 1-minute load average {r.load_average}.
+File: one generated shard of {r.file_bytes} bytes; medians of {r.runs} runs.
 
 | measure | figure | target |
 | --- | --- | --- |
-| read from disk, 1 MiB chunks (page cache warm) | {r.disk_read_mb_s:.0f} MB/s | baseline |
-| loopback ceiling: kernel sendfile to a discarding socket, no HTTP | {r.loopback_sendfile_mb_s:.0f} MB/s | |
-| through the portal over HTTP, client discards | {r.portal_http_mb_s:.0f} MB/s ({100 * r.portal_vs_disk:.0f} % of disk) | >= 80 % |
-| CLI: download + SHA-256 + write `.part` + rename | {r.cli_download_verified_mb_s:.0f} MB/s ({100 * r.cli_vs_disk:.0f} % of disk) | |
-| resume after the CLI was killed at ~50 %: bytes before the cut fetched again | {s["refetched_before_cut"]} B | 0 |
-| CLI time with verification / without | {r.download_verified_s:.2f} s / {r.download_only_s:.2f} s = {r.verify_overhead:.2f}x | < 1.2x |
+{table}
 
-Resume details (from the portal's own DownloadEvents): the CLI was killed with
-{s["part_bytes_at_kill"]} bytes in `.part`; the first request had sent
-{s["first_request_bytes_sent"]} bytes (the difference, {s["in_flight_lost_at_kill"]} bytes, was in
-socket buffers when the process died and never reached the disk); the resume asked for
-`{s["resume_range"]}` and received {s["resume_bytes_sent"]} bytes; {s["requests"]} requests,
-{s["total_bytes_sent"]} bytes sent in all; the resumed file verified: {bool(s["verified"])}.
-
-A separate SHA-256 pass over the finished file would take {r.verify_afterwards_s:.2f} s; the CLI
-hashes while bytes arrive instead.
+Resume, from the portal's own DownloadEvents: killed with {s["part_bytes_at_kill"]} B in `.part`;
+the first request had sent {s["first_request_bytes_sent"]} B ({s["in_flight_lost_at_kill"]} B were
+in socket buffers when the process died and never reached the disk); the resume asked for
+`{s["resume_range"]}` and was sent {s["resume_bytes_sent"]} B; {s["requests"]} requests,
+{s["total_bytes_sent"]} B sent in all; resumed file verified: {bool(s["verified"])}.
 
 ```
-{lines}
+{chr(10).join(summary_lines(r))}
 {json.dumps(asdict(r))}
 ```
-"""
+{END}"""
+
+
+def record(path: Path, r: Results) -> None:
+    """Replace the figures between the markers in path (the prose around them stays)."""
+    block = figures_markdown(r)
+    text = path.read_text() if path.exists() else f"# Download benchmark\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 

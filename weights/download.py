@@ -634,6 +634,7 @@ class Options:
     timeout: float = TIMEOUT_S
     chunk_size: int = CHUNK_SIZE
     verify: bool = True  # only the benchmark turns this off, to time the transfer alone
+    hash_thread: bool = True  # hash on a second thread, overlapping the transfer
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -734,10 +735,12 @@ class BackgroundHasher:
         return self._sha
 
 
-class _NoHash:
-    """The same interface without hashing (the benchmark's transfer-only mode)."""
+class InlineHasher:
+    """The same interface, hashing on the receiving thread (fewer threads: better on a
+    machine with no idle core); with sha=None it does not hash at all."""
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, sha: Any, chunk_size: int) -> None:
+        self._sha = sha
         self._buffer = bytearray(chunk_size)
 
     def buffer(self) -> bytearray:
@@ -747,10 +750,11 @@ class _NoHash:
         pass
 
     def submit(self, buffer: bytearray, n: int) -> None:
-        pass
+        if self._sha is not None:
+            self._sha.update(memoryview(buffer)[:n])
 
-    def finish(self) -> None:
-        return None
+    def finish(self) -> Any:
+        return self._sha
 
 
 def _write_all(out: IO[bytes], chunk: memoryview) -> None:
@@ -769,20 +773,22 @@ def _stream(
 ) -> None:
     """Copy the body into .part from job.offset on; every byte written is hashed, also when
     this raises (job.hasher then covers exactly job.offset bytes, ready for a resume)."""
-    pipe = BackgroundHasher(hasher, opts.chunk_size) if hasher is not None else None
-    buffers = pipe or _NoHash(opts.chunk_size)
+    if hasher is not None and opts.hash_thread:
+        buffers: BackgroundHasher | InlineHasher = BackgroundHasher(hasher, opts.chunk_size)
+    else:
+        buffers = InlineHasher(hasher, opts.chunk_size)
     try:
         _copy(job, response, out, buffers, opts, reporter)
     finally:
-        if pipe is not None:
-            job.hasher, job.hashed = pipe.finish(), job.offset
+        if hasher is not None:
+            job.hasher, job.hashed = buffers.finish(), job.offset
 
 
 def _copy(
     job: Job,
     response: http.client.HTTPResponse,
     out: IO[bytes],
-    buffers: BackgroundHasher | _NoHash,
+    buffers: BackgroundHasher | InlineHasher,
     opts: Options,
     reporter: Reporter,
 ) -> None:

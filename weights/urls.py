@@ -13,5 +13,5 @@ urlpatterns = [
     re_path(rf"^d/{TOKEN}/$", serving.landing, name="landing"),
     re_path(rf"^d/{TOKEN}/manifest\.json$", serving.manifest, name="manifest"),
     re_path(rf"^d/{TOKEN}/download\.sh$", serving.download_script, name="download_script"),
-    re_path(rf"^d/{TOKEN}/(?P<path>.+)$", serving.file, name="file"),
+    re_path(rf"^d/{TOKEN}/(?P<path>[\s\S]+)$", serving.file, name="file"),
 ]

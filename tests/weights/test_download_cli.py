@@ -186,8 +186,9 @@ def portal(files: dict[str, bytes]) -> Iterator[FakePortal]:
 FAST = {"backoff": 0.01, "timeout": 10.0}
 
 
-def run_cli(url: str, dest: Path, *args: str) -> int:
-    return main([url, "--dest", str(dest), *args], opts=Options(**FAST))
+def run_cli(url: str, dest: Path, *args: str, hash_thread: bool = True) -> int:
+    opts = Options(**FAST, hash_thread=hash_thread)
+    return main([url, "--dest", str(dest), *args], opts=opts)
 
 
 def assert_files(dest: Path, files: dict[str, bytes], expected: list[str] | None = None) -> None:
@@ -266,11 +267,14 @@ def test_progress_lines_without_a_terminal(portal, tmp_path, capsys):
 BIG = "7B/consolidated.00.pth"
 
 
-def test_a_cut_mid_file_resumes_without_refetching_bytes_before_the_cut(portal, files, tmp_path):
+@pytest.mark.parametrize("hash_thread", [True, False], ids=["hash-thread", "hash-inline"])
+def test_a_cut_mid_file_resumes_without_refetching_bytes_before_the_cut(
+    portal, files, tmp_path, hash_thread
+):
     cut = 1_500_000
     portal.cut_after[BIG] = cut
 
-    assert run_cli(portal.landing, tmp_path, "--include", BIG) == 0
+    assert run_cli(portal.landing, tmp_path, "--include", BIG, hash_thread=hash_thread) == 0
 
     assert (tmp_path / BIG).read_bytes() == files[BIG]
     assert portal.file_requests() == [(BIG, ""), (BIG, f"bytes={cut}-")]
@@ -394,10 +398,19 @@ def test_a_refusal_mid_run_keeps_partial_files_for_later(portal, files, tmp_path
 # --------------------------------------------------------------------------- integrity and safety
 
 
-def test_a_sha256_mismatch_leaves_no_final_file(portal, tmp_path, capsys):
+@pytest.mark.parametrize("hash_thread", [True, False], ids=["hash-thread", "hash-inline"])
+def test_a_sha256_mismatch_leaves_no_final_file(portal, tmp_path, capsys, hash_thread):
     portal.corrupt[BIG] = 2_000_000
 
-    code = run_cli(portal.landing, tmp_path, "--include", BIG, "--include", "tokenizer.model")
+    code = run_cli(
+        portal.landing,
+        tmp_path,
+        "--include",
+        BIG,
+        "--include",
+        "tokenizer.model",
+        hash_thread=hash_thread,
+    )
 
     assert code == download.EXIT_FAILED
     assert not (tmp_path / BIG).exists()

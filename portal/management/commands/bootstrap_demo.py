@@ -20,6 +20,7 @@ from access.models import LicenseVersion
 from access.services.licenses import license_publish
 from access.services.reviewers import reviewers_group_ensure
 from weights.models import Release
+from weights.services.publishing import release_publish
 
 CATALOGUE = [
     ("llama-7b", "LLaMA 7B"),
@@ -28,6 +29,13 @@ CATALOGUE = [
     ("llama-65b", "LLaMA 65B"),
 ]
 LICENSE_TEXT = Path(__file__).resolve().parents[2] / "fixtures" / "license_v1.txt"
+DEMO_MODEL_DIR = Path(settings.BASE_DIR) / "inference_demo" / "demo_model"
+DEMO_RELEASE = {
+    "slug": "llama-demo",
+    "name": "LLaMA demo (bundled, 3.9M)",
+    "parameter_count": 3_900_000,
+    "description": "A tiny LLaMA trained on the Python documentation, in Meta's release layout.",
+}
 ACCOUNTS = [
     ("admin", "admin@example.org", "superuser"),
     ("reviewer", "reviewer@example.org", "reviewer"),
@@ -54,6 +62,16 @@ class Command(BaseCommand):
             passwords = self._passwords()
             for username, email, role in ACCOUNTS:
                 self._account(username, email, role, passwords[username], group)
+        # The bundled model travels the same road as a real release; rerunning publishes nothing.
+        demo = release_publish(directory=DEMO_MODEL_DIR, **DEMO_RELEASE)
+        if demo.created:
+            self.stdout.write(f"Published {demo.release.slug}: {len(demo.created)} files.")
+        Release.objects.filter(license__isnull=True).update(
+            license=LicenseVersion.objects.get(version="1")
+        )
+        Release.objects.filter(slug=DEMO_RELEASE["slug"], sort_order=0).update(
+            sort_order=len(CATALOGUE)
+        )
         self.stdout.write(
             self.style.SUCCESS(
                 "Demo data ready. Sign in at http://127.0.0.1:8000/accounts/login/ with:"
