@@ -120,6 +120,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "access.tasks.deliver_notification": {"queue": "mail"},
     "weights.tasks.issue_download_link": {"queue": "mail"},
+    "inference_demo.tasks.run_demo_request": {"queue": "demo"},
 }
 # A submission must not hang while the broker is down: publish fails fast and
 # the outbox sweep delivers later.
@@ -134,6 +135,10 @@ CELERY_BEAT_SCHEDULE = {
     "issue-missing-download-links": {
         "task": "weights.tasks.issue_missing_links",
         "schedule": 300.0,
+    },
+    "purge-old-demo-requests": {
+        "task": "inference_demo.tasks.purge_demo_requests",
+        "schedule": 24 * 3600.0,
     },
     "reviewer-daily-digest": {
         "task": "access.tasks.send_reviewer_digest",
@@ -297,3 +302,31 @@ WEIGHTS_LINK_LIFETIME_HOURS = envint("WEIGHTS_LINK_LIFETIME_HOURS", 24, minimum=
 WEIGHTS_LINK_BUDGET_COPIES = envint("WEIGHTS_LINK_BUDGET_COPIES", 5, minimum=1)
 WEIGHTS_LINK_MAX_IPS = envint("WEIGHTS_LINK_MAX_IPS", 5, minimum=1)
 WEIGHTS_FRESH_LINK_RATE = envstr("WEIGHTS_FRESH_LINK_RATE", "5/h")
+
+# --- Hosted demo -----------------------------------------------------------------
+# slug=directory pairs of Meta-layout releases the demo worker holds.
+DEMO_MODELS = {
+    slug.strip(): Path(path.strip())
+    for slug, _, path in (
+        item.partition("=")
+        for item in envlist(
+            "DEMO_MODELS", f"llama-demo={BASE_DIR / 'inference_demo' / 'demo_model'}"
+        )
+    )
+}
+# In-process engine without Redis (embedded); a Celery worker on the demo queue with it.
+DEMO_TRANSPORT = envchoice(
+    "DEMO_TRANSPORT", "redis" if REDIS_URL else "inprocess", ("inprocess", "redis")
+)
+DEMO_DEVICE = envstr("DEMO_DEVICE", "auto")
+DEMO_LIMITS = {
+    "max_prompt_chars": envint("DEMO_MAX_PROMPT_CHARS", 2000, minimum=1),
+    "max_new_tokens": envint("DEMO_MAX_NEW_TOKENS", 256, minimum=1),
+    "max_temperature": 2.0,
+    "concurrent_per_user": envint("DEMO_CONCURRENT_PER_USER", 2, minimum=1),
+    "daily_tokens": envint("DEMO_DAILY_TOKENS", 20000, minimum=1),
+    # An open request older than this no longer counts against the concurrency limit.
+    "stale_after_s": 600,
+}
+DEMO_WORKER_WAIT_S = envint("DEMO_WORKER_WAIT_S", 5, minimum=1)
+DEMO_RETENTION_DAYS = envint("DEMO_RETENTION_DAYS", 90, minimum=1)

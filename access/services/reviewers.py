@@ -16,6 +16,7 @@ REVIEWER_PERMISSIONS = (
     ("weights", "view_artifact"),
     ("weights", "view_downloadlink"),
     ("weights", "view_downloadevent"),
+    ("inference_demo", "view_demorequest"),
 )
 
 
