@@ -1,8 +1,9 @@
 """Decode benchmark: our engine next to transformers on the same weights.
 
-    python -m inference_demo.bench                       # CPU, the bundled demo model
-    python -m inference_demo.bench --gpu                 # = --device cuda --config 7b
-    python -m inference_demo.bench --device cpu --config tiny --new-tokens 16   # smoke test
+    python -m inference_demo.bench                  # CPU, the bundled demo model, compiled
+    python -m inference_demo.bench --no-compile     # the same, eager (the CPU demo's default)
+    python -m inference_demo.bench --gpu            # = --device cuda --config 7b
+    python -m inference_demo.bench --config tiny --new-tokens 16 --no-compile  # smoke test
 
 Prints batch-1 decode tokens/s (median of ``--runs``), aggregate tokens/s with 8 and
 16 concurrent engine requests, time to first token for a 512-token prompt, and
@@ -150,22 +151,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="for time to first token")
     parser.add_argument("--users", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1 on the CPU: steady on a shared machine; 0: torch's)",
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="torch.compile our decode step (default: on CUDA only)",
+        default=True,
+        help="torch.compile our decode step (default: yes; --no-compile measures eager)",
     )
     parser.add_argument("--no-transformers", action="store_true")
     opts = parser.parse_args(argv)
     if opts.gpu:
         opts.device, opts.config = "cuda", "7b"
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     cuda = device.type == "cuda"
+    threads = opts.threads if opts.threads is not None else (0 if cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
     dtype = torch.bfloat16 if cuda else torch.float32
-    compiled = cuda if opts.compile is None else opts.compile
+    compiled = opts.compile
     decode_len = round_up(32 + opts.new_tokens)  # caches sized to the workload
     ttft_len = round_up(opts.prompt_tokens + 1)
 

@@ -51,6 +51,7 @@ import queue
 import random
 import re
 import shutil
+import ssl
 import sys
 import threading
 import time
@@ -302,14 +303,21 @@ def _request(url: str, *, offset: int = 0, timeout: float = TIMEOUT_S) -> http.c
     try:
         return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as exc:
-        raise _http_error(exc) from None
+        raise _http_error(exc, url) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise FileFailed(f"the server's TLS certificate is not valid: {reason}") from None
         raise TransientError(f"connection failed: {reason}") from None
 
 
-def _http_error(exc: urllib.error.HTTPError) -> Exception:
+def _http_error(exc: urllib.error.HTTPError, url: str) -> Exception:
     status = exc.code
+    redirected = urllib.parse.urlsplit(exc.url or url).netloc != urllib.parse.urlsplit(url).netloc
+    if status in REFUSAL_EXIT and redirected:
+        # Object storage behind a portal redirect (an S3 presigned GET, clock skew...): asking
+        # the portal again mints a fresh URL; the portal itself still decides about access.
+        return TransientError(f"storage answered HTTP {status}")
     if status in REFUSAL_EXIT:
         detail, action_url = _refusal_body(exc)
         return Refused(status, detail, action_url)
@@ -663,16 +671,25 @@ def fetch_once(job: Job, opts: Options, reporter: Reporter) -> None:
             raise
         with response:
             start = _response_start(job, response, reporter)
-            mode = "r+b" if start else "wb"
-            job.part.parent.mkdir(parents=True, exist_ok=True)
-            if not job.part.exists():
-                job.part.touch()
             hasher = _hasher_for(job) if opts.verify else None
-            with open(job.part, mode, buffering=0) as out:
-                out.seek(start)
-                out.truncate()
+            with _open_part(job.part, start) as out:
                 _stream(job, response, out, hasher, opts, reporter)
     _finalise(job, opts)
+
+
+def _open_part(part: Path, start: int) -> IO[bytes]:
+    """.part opened for writing at `start`. Starting over makes a new file rather than
+    truncating the old one: ext4 flushes a file truncated to zero when it is closed
+    (auto_da_alloc), which would cost a synchronous write of everything downloaded."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if start == 0:
+        part.unlink(missing_ok=True)
+        return open(part, "xb", buffering=0)  # noqa: SIM115 - returned to a with block
+    out = open(part, "r+b", buffering=0)  # noqa: SIM115
+    out.seek(start)
+    if os.fstat(out.fileno()).st_size > start:
+        out.truncate()
+    return out
 
 
 def _response_start(job: Job, response: http.client.HTTPResponse, reporter: Reporter) -> int:
@@ -905,6 +922,8 @@ def _collect(
         outcome.failed[path] = str(exc)
     except OSError as exc:  # local disk problems: full disk, permissions
         outcome.failed[path] = f"local error: {exc}"
+    except Exception as exc:  # a bug or a reply we did not foresee: fail this file, not the run
+        outcome.failed[path] = f"unexpected error: {exc!r}"
 
 
 def download(
@@ -966,7 +985,7 @@ def _exit_code(outcome: Outcome) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m weights.download",
+        prog="python -m weights.download" if __package__ else "python download.py",
         description="Download and verify model weights from a portal download link.",
         epilog="Run the same command again to resume an interrupted download.",
     )

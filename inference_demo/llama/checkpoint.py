@@ -34,6 +34,9 @@ ERR_SHAPE = "{key}: checkpoint shape {got} does not match the model's {expected}
 ERR_SHARD_SHAPE = "{key}: shards disagree on shape ({shapes})"
 ERR_KEYS = "state dict keys differ from the model: missing {missing}, unexpected {unexpected}"
 ERR_UNSAFE = "{path}: refused to load, the file is not a plain tensor archive ({reason})"
+ERR_UNREADABLE = "{path}: not a readable PyTorch tensor archive ({reason})"
+ERR_NOT_STATE_DICT = "{path}: expected a dict of tensors"
+ERR_CHECKLIST_LINE = "{path}: line {n} is not '<md5>  <file name>'"
 ERR_SPLIT = "{key}: size {size} on dim {dim} is not divisible by {n} shards"
 
 COLUMN_PARALLEL = {"wq", "wk", "wv", "w1", "w3", "output"}
@@ -83,10 +86,13 @@ def md5_file(path: Path, chunk: int = 1 << 20) -> str:
 def read_checklist(path: Path) -> dict[str, str]:
     """``md5sum`` output: ``<hex>  <name>`` (a ``*`` before the name marks binary mode)."""
     entries = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            entries[name.strip().lstrip("*")] = digest.lower()
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", fields[0]):
+            raise ChecksumError(ERR_CHECKLIST_LINE.format(path=path, n=n))
+        entries[fields[1].strip().lstrip("*")] = fields[0].lower()
     return entries
 
 
@@ -127,11 +133,14 @@ def shard_paths(directory: Path) -> list[Path]:
 
 def load_shard(path: Path) -> dict[str, Tensor]:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met something that is not a tensor
         raise UnsafeCheckpointError(ERR_UNSAFE.format(path=path, reason=exc)) from exc
-    except RuntimeError as exc:
-        raise UnsafeCheckpointError(ERR_UNSAFE.format(path=path, reason=exc)) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(ERR_UNREADABLE.format(path=path, reason=exc)) from exc
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise CheckpointError(ERR_NOT_STATE_DICT.format(path=path))
+    return state
 
 
 def merge_shards(shards: list[dict[str, Tensor]], dim: int) -> dict[str, Tensor]:

@@ -171,6 +171,12 @@ class Engine:
     def active(self) -> int:
         return sum(slot is not None for slot in self.slots)
 
+    @property
+    def is_running(self) -> bool:
+        """False before start(), after stop(), and once the engine thread has failed."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping and not self._error
+
     # Engine thread.
 
     def _position(self, request: Request) -> int:

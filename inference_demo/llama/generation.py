@@ -108,7 +108,7 @@ def prefill(model: Transformer, ids: Sequence[int], first_row: int = 0) -> Tenso
     device = model.output.weight.device
     tokens = torch.tensor([list(ids)], device=device)
     pos = torch.arange(len(ids), device=device).unsqueeze(0)
-    return model(tokens, pos, first_row)[0, -1]
+    return model(tokens, pos, first_row, last_only=True)[0, -1]
 
 
 def decode_one_token(model: Transformer, tokens: Tensor, pos: Tensor) -> Tensor:
@@ -118,8 +118,14 @@ def decode_one_token(model: Transformer, tokens: Tensor, pos: Tensor) -> Tensor:
 
 def compile_decode(device: torch.device) -> DecodeFn:
     """``decode_one_token`` compiled for fixed shapes; on CUDA also captured in CUDA graphs."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    if device.type == "cuda":
+        return torch.compile(
+            decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False
+        )
+    # On the CPU a C++ wrapper around the kernels saves another ~10 % of per-token overhead.
+    return torch.compile(
+        decode_one_token, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
+    )
 
 
 class StopMatcher:

@@ -61,6 +61,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16),
     "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, norm_eps=1e-6),
     "13B": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, norm_eps=1e-6),
+    "33B": dict(dim=6656, n_layers=60, n_heads=52, vocab_size=32000, norm_eps=1e-6),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64, vocab_size=32000, norm_eps=1e-6),
     "70B": dict(
         dim=8192,
         n_layers=80,
@@ -248,8 +250,11 @@ class Transformer(nn.Module):
         )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(self, tokens: Tensor, pos: Tensor, first_row: int = 0) -> Tensor:
-        """tokens, pos [B, S], using cache rows first_row..first_row+B. Returns logits [B, S, V].
+    def forward(
+        self, tokens: Tensor, pos: Tensor, first_row: int = 0, *, last_only: bool = False
+    ) -> Tensor:
+        """tokens, pos [B, S], using cache rows first_row..first_row+B. Returns logits [B, S, V]
+        ([B, 1, V] with ``last_only``, which spares a prefill the vocabulary projection).
 
         Before ``setup_caches`` this is plain causal attention over ``tokens`` starting at
         position 0 (training, and full recomputation in tests).
@@ -273,6 +278,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, step)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h))
 
 

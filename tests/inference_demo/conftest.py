@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from inference_demo.llama.checkpoint import save_checkpoint  # noqa: E402
-from inference_demo.llama.model import ModelArgs, Transformer  # noqa: E402
-from inference_demo.llama.tokenizer import Tokenizer  # noqa: E402
+from inference_demo.llama.checkpoint import save_checkpoint
+from inference_demo.llama.model import ModelArgs, Transformer
+from inference_demo.llama.tokenizer import Tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 

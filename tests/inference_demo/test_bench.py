@@ -13,6 +13,7 @@ def test_bench_smoke(capsys) -> None:
     from inference_demo.bench import main
 
     args = ["--config", "tiny", "--new-tokens", "4", "--runs", "1", "--prompt-tokens", "16"]
+    args += ["--no-compile", "--threads", "0"]
     result = main([*args, "--users", "2", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == result

@@ -145,3 +145,18 @@ def test_refuses_a_pickle_that_runs_code(make_checkpoint, tmp_path: pathlib.Path
     with pytest.raises(ckpt.UnsafeCheckpointError, match="refused to load"):
         ckpt.load_model(directory, verify=False)
     assert not marker.exists()
+
+
+def test_truncated_shard_is_a_clear_error(make_checkpoint) -> None:
+    directory = make_checkpoint(GQA)
+    shard = directory / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError, match="not a readable PyTorch tensor archive"):
+        ckpt.load_model(directory, verify=False)
+
+
+def test_malformed_checklist(make_checkpoint) -> None:
+    directory = make_checkpoint(GQA)
+    (directory / "checklist.chk").write_text("not a checksum line\n")
+    with pytest.raises(ckpt.ChecksumError, match="line 1 is not"):
+        ckpt.load_model(directory)

@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from inference_demo.llama.checkpoint import load_model
 from inference_demo.llama.engine import Engine, EngineStopped, QueueFull, open_engine
@@ -101,8 +102,11 @@ def test_submit_needs_a_running_engine(engine_model, demo_tokenizer) -> None:
     engine = Engine(engine_model, demo_tokenizer, max_batch_size=1)
     with pytest.raises(EngineStopped):
         engine.submit("hello")
+    assert not engine.is_running
     engine.start()
+    assert engine.is_running
     engine.stop()
+    assert not engine.is_running
     with pytest.raises(EngineStopped):
         engine.submit("hello")
 
@@ -117,6 +121,7 @@ def test_engine_failure_reaches_the_request(engine_model, demo_tokenizer) -> Non
             request.result()
         with pytest.raises(EngineStopped):
             engine.submit("again")
+        assert not engine.is_running
 
 
 def test_decode_shapes_are_static(engine_model, demo_tokenizer) -> None:
@@ -145,3 +150,16 @@ def test_open_engine_on_the_demo_release(demo_dir, demo_model, demo_tokenizer) -
     alone = generate(demo_model, demo_tokenizer, "The for statement", params).collect()
     assert "".join(deltas) == alone.text
     assert request.completion.timings.ttft_s > 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
+def test_compiled_static_decode_matches_eager(engine_model, demo_model, demo_tokenizer) -> None:
+    """The path CUDA takes (fullgraph, fixed shapes, full-length cache), compiled on the CPU."""
+    from inference_demo.llama.generation import compile_decode
+
+    requests = REQUESTS[:2]
+    alone = [generate(demo_model, demo_tokenizer, p, s).collect() for p, s in requests]
+    decode = compile_decode(torch.device("cpu"))
+    with Engine(engine_model, demo_tokenizer, max_batch_size=2, max_seq_len=64, decode=decode) as e:
+        results = [r.result() for r in [e.submit(p, s) for p, s in requests]]
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]

@@ -46,6 +46,8 @@ class FakePortal:
     refuse_manifest: bool = False
     ignore_range: bool = False
     manifest_paths: list[str] | None = None  # override the paths listed (traversal tests)
+    redirect: bool = False  # answer file requests with a 302 to "object storage" (another host)
+    storage_refusals: int = 0  # the storage answers 403 this many times (expired signature)
     served: dict[str, int] = field(default_factory=dict)  # body bytes sent per file
     requests: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -78,7 +80,7 @@ class FakePortal:
         }
 
     def file_requests(self) -> list[tuple[str, str]]:
-        return [r for r in self.requests if r[0] != "manifest.json"]
+        return [r for r in self.requests if r[0] != "manifest.json" and ":" not in r[0]]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -88,6 +90,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path.startswith("/storage/"):
+            return self._storage(self.path[len("/storage/") :])
         prefix = f"/d/{TOKEN}/"
         if not self.path.startswith(prefix):
             return self._json(404, "invalid", "This download link is not valid.", "")
@@ -108,6 +112,20 @@ class Handler(BaseHTTPRequestHandler):
             if portal.fail_times.get(path, 0) > 0:
                 portal.fail_times[path] -= 1
                 return self._send(500, b"boom", {"Content-Type": "text/plain"})
+        if portal.redirect:
+            port = self.server.server_address[1]
+            return self._send(302, b"", {"Location": f"http://localhost:{port}/storage/{path}"})
+        self._serve_file(path)
+
+    def _storage(self, path: str) -> None:
+        portal = self.portal
+        with portal.lock:
+            portal.requests.append(("storage:" + path, self.headers.get("Range", "")))
+            refuse = portal.storage_refusals > 0
+            portal.storage_refusals -= int(refuse)
+        if refuse:
+            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            return self._send(403, body, {"Content-Type": "application/xml"})
         self._serve_file(path)
 
     def _serve_file(self, path: str) -> None:
@@ -344,6 +362,28 @@ def test_an_unreachable_portal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "could not fetch the manifest" in err
     assert TOKEN not in err
+
+
+def test_a_storage_refusal_behind_a_redirect_is_retried_through_the_portal(portal, files, tmp_path):
+    portal.redirect = True
+    portal.storage_refusals = 1
+
+    assert run_cli(portal.landing, tmp_path, "--include", "tokenizer.model") == 0
+
+    assert (tmp_path / "tokenizer.model").read_bytes() == files["tokenizer.model"]
+    assert len(portal.file_requests()) == 2  # a fresh redirect minted for the retry
+
+
+def test_a_cut_behind_a_redirect_resumes_with_range_at_the_storage(portal, files, tmp_path):
+    portal.redirect = True
+    portal.cut_after[BIG] = 1_234_567
+
+    assert run_cli(portal.landing, tmp_path, "--include", BIG) == 0
+
+    assert (tmp_path / BIG).read_bytes() == files[BIG]
+    storage = [r for r in portal.requests if r[0].startswith("storage:")]
+    assert storage == [("storage:" + BIG, ""), ("storage:" + BIG, "bytes=1234567-")]
+    assert portal.served[BIG] == len(files[BIG])
 
 
 # --------------------------------------------------------------------------- refusals

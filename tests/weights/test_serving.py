@@ -311,11 +311,6 @@ def test_parallel_range_requests_from_threads_cost_exactly_one_copy(token, sourc
     """aria2c -x16: sixteen connections at once, each a range; the budget charges bytes."""
     from django.test import Client
 
-    if connection.vendor == "sqlite":
-        pytest.skip(
-            "SQLite's shared-cache test database locks tables across threads (CI: Postgres)"
-        )
-
     data = (source / SHARD).read_bytes()
     step = MIB // 16
     parts: dict[int, bytes] = {}
