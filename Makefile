@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format migrate bootstrap worker clean
+.PHONY: run test lint format migrate bootstrap worker demo-worker clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ test: lint
 
 worker: $(STAMP)
 	$(BIN)/celery -A portal worker -Q default,mail -l info
+
+demo-worker: $(STAMP)
+	$(BIN)/celery -A portal worker -Q demo --pool threads --concurrency 16 -n demo@%h -l info
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
