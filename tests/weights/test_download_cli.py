@@ -551,16 +551,6 @@ def test_disk_space_counts_only_the_bytes_still_to_fetch(portal, files, tmp_path
 # --------------------------------------------------------------------------- the real portal
 
 
-def _serving_is_real() -> bool:
-    source = (Path(__file__).resolve().parents[2] / "weights" / "serving.py").read_text()
-    return "status=501" not in source
-
-
-needs_serving = pytest.mark.skipif(
-    not _serving_is_real(), reason="weights/serving.py is still the 501 stub"
-)
-
-
 @dataclass
 class Granted:
     url: str
@@ -598,7 +588,6 @@ def _release_files(root: Path) -> dict[str, bytes]:
     }
 
 
-@needs_serving
 @pytest.mark.django_db(transaction=True)
 def test_end_to_end_against_the_live_portal(granted_link, tmp_path, capsys):
     dest = tmp_path / "out"
@@ -613,7 +602,6 @@ def test_end_to_end_against_the_live_portal(granted_link, tmp_path, capsys):
     assert "0 downloaded and verified, " in capsys.readouterr().err
 
 
-@needs_serving
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     ("change", "exit_code", "message"),
@@ -647,7 +635,6 @@ def test_the_live_portal_refusals_stop_the_cli(
     assert "What to do: http://" in err and "/downloads/" in err
 
 
-@needs_serving
 @pytest.mark.django_db(transaction=True)
 def test_shipped_download_sh_works_against_the_live_portal(granted_link, tmp_path):
     if not (shutil.which("wget") or shutil.which("curl")):
@@ -671,3 +658,48 @@ def test_shipped_download_sh_works_against_the_live_portal(granted_link, tmp_pat
     assert {k: v for k, v in got.items() if k in expected} == expected
     if shutil.which("md5sum"):
         assert "consolidated.00.pth: OK" in result.stdout
+
+
+@pytest.fixture
+def granted_s3_link(live_server, s3_storage, tmp_path, alice, reviewer, make_submitted, releases):
+    """The same journey with the weights in S3-compatible storage (moto's server on loopback)."""
+    from django.core.management import call_command
+
+    from access.services.reviews import application_approve
+    from weights.services.links import link_issue
+
+    source = tmp_path / "release"
+    call_command("generate_sample_release", str(source), "--shards", "2", "--shard-mb", "1")
+    call_command("publish_release", str(source), "--slug", "llama-7b")
+    application = make_submitted(alice, slugs=("llama-7b",))
+    [grant] = application_approve(
+        application=application, reviewer=reviewer, releases=[releases["llama-7b"]]
+    )
+    issued = link_issue(grant=grant)
+    return Granted(url=live_server.url + f"/d/{issued.token}/", source=source, link=issued.link)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_end_to_end_with_s3_storage_resumes_through_presigned_redirects(granted_s3_link, tmp_path):
+    from weights.models import DownloadEvent, LinkUsage
+
+    dest = tmp_path / "out"
+    shard = "7B/consolidated.00.pth"
+    data = (granted_s3_link.source / shard).read_bytes()
+    half = len(data) // 2
+    # A download cut halfway: the .part holds the first half.
+    (dest / "7B").mkdir(parents=True)
+    (dest / f"{shard}.part").write_bytes(data[:half])
+
+    assert (
+        main([granted_s3_link.url, "--dest", str(dest), "--jobs", "2"], opts=Options(**FAST)) == 0
+    )
+
+    assert _release_files(dest) == _release_files(granted_s3_link.source)
+    events = DownloadEvent.objects.filter(artifact__path=shard)
+    assert [(e.status_code, e.outcome, e.range_header) for e in events] == [
+        (302, "redirected", f"bytes={half}-")
+    ]
+    # Only the authorised second half was charged for the resumed shard.
+    usage = LinkUsage.objects.get(link=granted_s3_link.link, artifact__path=shard)
+    assert usage.bytes_charged == len(data) - half
