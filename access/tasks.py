@@ -6,6 +6,7 @@ from celery import shared_task
 
 from access.services import notifications
 from access.services.digest import reviewer_digest_send
+from access.services.reminders import reviewer_reminders_send
 
 
 @shared_task(acks_late=True, autoretry_for=(Exception,), retry_backoff=30, max_retries=5)
@@ -22,3 +23,9 @@ def sweep_outbox() -> int:
 @shared_task
 def send_reviewer_digest() -> int:
     return reviewer_digest_send()
+
+
+@shared_task
+def remind_reviewers() -> int:
+    # Idempotent: one outbox row per application, reviewer and day (dedupe key).
+    return reviewer_reminders_send()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF, UNSAFE_INLINE
 from django.core.exceptions import ImproperlyConfigured
 
 from portal.env import envbool, envchoice, envint, envlist, envstr
@@ -45,6 +46,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "django_countries",
+    "csp",
     "portal",
     "access",
     "weights",
@@ -52,7 +54,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that every response (redirects and refusals included) carries the id.
+    "portal.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -91,6 +96,11 @@ try:
     }
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that went away gives a quick 503 (and /readyz a quick answer), not a hang.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", envint("DATABASE_CONNECT_TIMEOUT", 5, minimum=1)
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Embedded mode serves parallel range downloads from threads: take the write lock at
     # BEGIN (no lock-upgrade deadlocks), wait for it, and let readers run beside a writer.
@@ -151,6 +161,19 @@ CELERY_BEAT_SCHEDULE = {
     "reviewer-daily-digest": {
         "task": "access.tasks.send_reviewer_digest",
         "schedule": 24 * 3600.0,
+    },
+    # Hourly, deduplicated per application and day: at most one reminder a day each.
+    "remind-reviewers-of-waiting-applications": {
+        "task": "access.tasks.remind_reviewers",
+        "schedule": 3600.0,
+    },
+    "close-expired-download-links": {
+        "task": "weights.tasks.close_expired_links",
+        "schedule": 3600.0,
+    },
+    "flag-links-used-from-many-addresses": {
+        "task": "weights.tasks.flag_shared_links",
+        "schedule": 900.0,
     },
 }
 
@@ -248,17 +271,50 @@ if not DEBUG:
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
+# Load balancers and orchestrators probe over plain HTTP inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$"]
 
+# Content-Security-Policy (django-csp 4). Scripts run only from this origin or with the
+# per-request nonce (`<script nonce="{{ request.csp_nonce }}">`). Inline styles stay
+# allowed: templates use style attributes, which a nonce cannot cover. The Swagger UI
+# page loads its bundle from a CDN and is left out. CSP_REPORT_URI collects violations.
+CONTENT_SECURITY_POLICY = {
+    "EXCLUDE_URL_PREFIXES": ["/api/docs/"],
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, UNSAFE_INLINE],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+        "upgrade-insecure-requests": not DEBUG,
+        "report-uri": envstr("CSP_REPORT_URI", "") or None,
+    },
+}
+
+# JSON lines for log collectors in production, readable lines in development. Every line
+# carries the request id (portal/request_id.py) and passes the token filter.
+LOG_FORMAT = envchoice("LOG_FORMAT", "plain" if DEBUG else "json", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {"redact_tokens": {"()": "portal.logging_filters.RedactTokensFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "portal.logging_json.JsonFormatter"},
+    },
+    "filters": {
+        "request_id": {"()": "portal.request_id.RequestIdFilter"},
+        "redact_tokens": {"()": "portal.logging_filters.RedactTokensFilter"},
+    },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "filters": ["redact_tokens"],
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id", "redact_tokens"],
         }
     },
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
@@ -283,6 +339,9 @@ PORTAL_REVIEWERS_GROUP = "Reviewers"
 PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS = envint("PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS", 300, minimum=10)
 PORTAL_OUTBOX_MAX_ATTEMPTS = envint("PORTAL_OUTBOX_MAX_ATTEMPTS", 10, minimum=1)
 PORTAL_REQUIRE_SERVICES = envbool("PORTAL_REQUIRE_SERVICES", False)
+# Reviewers are reminded of an application still awaiting review after this many days,
+# at most once a day per application; 0 turns reminders off.
+PORTAL_REVIEW_REMINDER_DAYS = envint("PORTAL_REVIEW_REMINDER_DAYS", 3, minimum=0)
 
 # --- Weights: storage, download links, serving ---------------------------------
 WEIGHTS_STORAGE = envchoice("WEIGHTS_STORAGE", "local", ("local", "s3"))
@@ -310,6 +369,12 @@ WEIGHTS_LINK_LIFETIME_HOURS = envint("WEIGHTS_LINK_LIFETIME_HOURS", 24, minimum=
 WEIGHTS_LINK_BUDGET_COPIES = envint("WEIGHTS_LINK_BUDGET_COPIES", 5, minimum=1)
 WEIGHTS_LINK_MAX_IPS = envint("WEIGHTS_LINK_MAX_IPS", 5, minimum=1)
 WEIGHTS_FRESH_LINK_RATE = envstr("WEIGHTS_FRESH_LINK_RATE", "5/h")
+# Expired links are closed (revoked, reason "Expired.") this long after expiry; until then
+# the link's page still says precisely that it expired and when.
+WEIGHTS_EXPIRED_LINK_GRACE_HOURS = envint("WEIGHTS_EXPIRED_LINK_GRACE_HOURS", 24, minimum=0)
+# The periodic re-check flags links (and all links of a grant) used from more than
+# WEIGHTS_LINK_MAX_IPS addresses within this window.
+WEIGHTS_LINK_FLAG_WINDOW_HOURS = envint("WEIGHTS_LINK_FLAG_WINDOW_HOURS", 48, minimum=1)
 
 # --- Hosted demo -----------------------------------------------------------------
 # slug=directory pairs of Meta-layout releases the demo worker holds.

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from weights.services import links
+from weights.services import links, maintenance
 
 
 @shared_task(acks_late=True, autoretry_for=(Exception,), retry_backoff=30, max_retries=5)
@@ -20,3 +20,15 @@ def issue_missing_links() -> int:
         except Exception:  # noqa: S112 - retried on the next sweep
             continue
     return issued
+
+
+@shared_task
+def close_expired_links() -> int:
+    # Idempotent: only links not yet revoked are closed.
+    return maintenance.links_close_expired()
+
+
+@shared_task
+def flag_shared_links() -> int:
+    # Idempotent: only links not yet flagged are flagged.
+    return maintenance.links_flag_shared()

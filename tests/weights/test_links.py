@@ -243,3 +243,13 @@ def test_reviewer_revokes_a_link_in_the_admin(reviewer_client, approved):
     assert response.status_code == 302, response.content[:3000]
     link.refresh_from_db()
     assert link.revoked_at is not None and link.revoke_reason == "Leaked."
+
+
+def test_a_link_closed_by_the_expiry_sweep_still_reads_as_expired(approved):
+    from weights.services.links import EXPIRED_REASON
+
+    token = LINK_IN_MAIL.findall(_link_mails()[0].body)[0]
+    past = timezone.now() - timedelta(days=2)
+    DownloadLink.objects.update(expires_at=past, revoked_at=past, revoke_reason=EXPIRED_REASON)
+    with pytest.raises(links.LinkExpired):
+        links.link_resolve(token)

@@ -67,6 +67,7 @@ INVALID = "This download link is not valid. Check that you copied the whole link
 EXPIRED = "This download link expired on {when}. Sign in and request a fresh link on My downloads."
 REVOKED = "This download link was revoked. Sign in to My downloads to see your access."
 GRANT_REVOKED = "Your access to {release} was revoked; this link no longer works."
+EXPIRED_REASON = "Expired."  # the revoke_reason the expiry sweep writes
 BUDGET = "This link has used its download budget for {path} ({copies} full copies). Request a fresh link on My downloads."
 
 
@@ -115,12 +116,12 @@ def link_issue_and_email(*, grant_id: int) -> bool:
         ):
             return False
         issued = link_issue(grant=grant)
-        _link_email(grant, issued).send()
+        link_email(grant, issued).send()
         DownloadLink.objects.filter(pk=issued.link.pk).update(emailed_at=_now())
     return True
 
 
-def _link_email(grant: Grant, issued: IssuedLink) -> EmailMultiAlternatives:
+def link_email(grant: Grant, issued: IssuedLink) -> EmailMultiAlternatives:
     context = {
         "full_name": grant.application.full_name or grant.user.email,
         "release": grant.release.name,
@@ -180,7 +181,9 @@ def link_resolve(token: str) -> DownloadLink:
     grant = link.grant
     if grant.revoked_at is not None:
         raise LinkRevoked(GRANT_REVOKED.format(release=grant.release), link=link)
-    if link.revoked_at is not None:
+    # A link closed by the expiry sweep still reads as expired, not as revoked by a person.
+    expired_and_closed = link.revoke_reason == EXPIRED_REASON and link.is_expired(_now())
+    if link.revoked_at is not None and not expired_and_closed:
         raise LinkRevoked(REVOKED, link=link, action_url=reverse("weights:my_downloads"))
     if link.is_expired(_now()):
         when = timezone.localtime(link.expires_at).strftime("%d %b %Y %H:%M %Z")
