@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format migrate bootstrap worker demo-worker clean
+.PHONY: run test lint format migrate bootstrap worker demo-worker clean prove
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ worker: $(STAMP)
 
 demo-worker: $(STAMP)
 	$(BIN)/celery -A portal worker -Q demo --pool threads --concurrency 16 -n demo@%h -l info
+
+# Load, fault and hostile-input runs on a private stack (not part of `make test`, ~10 min).
+prove: $(STAMP)
+	$(BIN)/python -m prove
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

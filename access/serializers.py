@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django_countries.serializers import CountryFieldMixin
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ErrorDetail
@@ -84,7 +85,7 @@ class ReleaseSlugsField(serializers.ListField):
 # --- Requests ---------------------------------------------------------------
 
 
-class ApplicationWriteSerializer(StrictSerializer, serializers.ModelSerializer):
+class ApplicationWriteSerializer(CountryFieldMixin, StrictSerializer, serializers.ModelSerializer):
     """Draft fields; every one is optional because drafts may be incomplete."""
 
     releases = ReleaseSlugsField(
@@ -235,7 +236,7 @@ class GrantSerializer(serializers.ModelSerializer):
         ]
 
 
-class ApplicationSummarySerializer(serializers.ModelSerializer):
+class ApplicationSummarySerializer(CountryFieldMixin, serializers.ModelSerializer):
     status_display = serializers.CharField(source="get_status_display")
     releases = ReleaseSerializer(source="requested_releases", many=True)
 

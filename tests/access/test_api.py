@@ -459,3 +459,12 @@ def test_submit_is_rate_limited(api, alice, license_v1, releases, monkeypatch):
     submit = url("application-submit", pk)
     statuses = [client.post(submit, {"accept_license": True}).status_code for _ in range(3)]
     assert statuses == [200, 409, 429]
+
+
+def test_a_draft_without_a_country_serialises(api, alice, releases):
+    """Found by schemathesis: an empty country used to crash the JSON renderer."""
+    client = api(alice)
+    response = client.post(url("application-list"), {"institutional_email": ""})
+    assert response.status_code == 201, response.content
+    assert response.json()["institutional_email"] == ""
+    assert client.get(url("application-list")).status_code == 200
