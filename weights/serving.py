@@ -18,6 +18,7 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from django.conf import settings
+from django.core.cache import cache
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -409,6 +410,24 @@ def _serve_accel(
     return response
 
 
+REACHABLE_CACHE_SECONDS = 10
+
+
+def _object_reachable(storage, artifact: Artifact) -> bool:
+    """HEAD the object at most every few seconds per file; False when storage is down."""
+    key = f"weights:reachable:{artifact.storage_key}"
+    if cache.get(key):
+        return True
+    try:
+        present = storage.size_of(artifact.storage_key) is not None
+    except StorageError:
+        logger.warning("weight storage unreachable for artifact %s", artifact.pk, exc_info=True)
+        return False
+    if present:
+        cache.set(key, True, REACHABLE_CACHE_SECONDS)
+    return present
+
+
 def _serve_redirect(
     request: HttpRequest,
     visit: Visit,
@@ -419,6 +438,10 @@ def _serve_redirect(
 ) -> HttpResponse:
     """S3: a presigned GET minted now, valid for minutes; we charge the authorised range."""
     nbytes = byte_range.length if byte_range else artifact.size
+    if not _object_reachable(storage, artifact):
+        # Presigning is local: without this a bucket outage would charge for bytes that
+        # can never arrive.
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
     refused = _reserve(request, visit, link, artifact, nbytes)
     if refused:
         return refused
