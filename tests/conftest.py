@@ -18,14 +18,28 @@ from tests.factories import (
 )
 
 
-def require_service(name: str, url: str) -> None:
-    """Skip when a service is not configured, unless CI demands every service."""
-    if url:
-        return
-    message = f"{name} is not configured (set {name.upper()}_URL to run this test)"
+def skip_unless_required(message: str) -> None:
+    """Skip with a visible reason, unless CI demands everything (PORTAL_REQUIRE_SERVICES=1)."""
     if settings.PORTAL_REQUIRE_SERVICES or os.environ.get("PORTAL_REQUIRE_SERVICES") == "1":
         pytest.fail(message + " and PORTAL_REQUIRE_SERVICES=1 forbids skipping")
     pytest.skip(message)
+
+
+def require_service(name: str, url: str) -> None:
+    """Skip when a service is not configured, unless CI demands every service."""
+    if not url:
+        skip_unless_required(f"{name} is not configured (set {name.upper()}_URL to run this test)")
+
+
+def require_tools(*tools: str) -> None:
+    """Skip when a command-line tool is missing, unless CI demands every check."""
+    import shutil
+
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        skip_unless_required(
+            f"{', '.join(missing)} not installed (apt-get install {' '.join(missing)})"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (a dev dependency: missing is a broken install, not a skip)
 
 from inference_demo.convert import convert
 from inference_demo.llama.checkpoint import load_model
 
 from .conftest import GQA, MHA
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

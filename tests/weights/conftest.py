@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings as django_settings
 
+from tests.conftest import skip_unless_required
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.storage import get_storage, reset_storage
 
@@ -35,10 +34,7 @@ def s3_server() -> str:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
-        message = "moto[server] is not installed: the loopback S3 server cannot start"
-        if django_settings.PORTAL_REQUIRE_SERVICES or os.environ.get("PORTAL_REQUIRE_SERVICES"):
-            pytest.fail(message + " and PORTAL_REQUIRE_SERVICES=1 forbids skipping")
-        pytest.skip(message)
+        skip_unless_required("moto[server] is not installed: the loopback S3 server cannot start")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

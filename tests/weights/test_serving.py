@@ -26,6 +26,7 @@ from django.utils.html import escape
 
 from access.services import reviews
 from access.services.licenses import license_publish
+from tests.conftest import require_tools
 from weights import serving
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
@@ -460,8 +461,7 @@ def test_download_script_fetches_resumes_and_verifies_everything(
 ):
     """The classic script against a running portal: `*` replaced by each path, resume, checks."""
     other = "wget" if without == "curl" else "curl"
-    if not shutil.which(other) or not shutil.which("md5sum"):
-        pytest.skip(f"{other} or md5sum is not installed")
+    require_tools(other, "md5sum")
     from weights.storage import reset_storage
 
     settings.WEIGHTS_STORAGE = "local"
