@@ -28,6 +28,7 @@ from access.models import Application, LicenseAcceptance, LicenseVersion
 from access.services import applications as application_services
 from access.services import licenses as license_services
 from access.services import reviews as review_services
+from portal.http import client_ip, user_agent
 from weights.models import Release
 
 NOT_FOUND = "No such application."
@@ -47,8 +48,8 @@ def accept_license(request: Request, license_version: LicenseVersion) -> License
     return license_services.license_accept(
         user=request.user,
         license_version=license_version,
-        ip_address=request.META.get("REMOTE_ADDR") or None,
-        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        ip_address=client_ip(request),
+        user_agent=user_agent(request),
     )
 
 

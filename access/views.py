@@ -20,17 +20,10 @@ from access.forms import AnswerForm, ApplicationForm, LicenseAcceptForm
 from access.models import Application, LicenseAcceptance
 from access.services import applications as application_services
 from access.services import licenses as license_services
+from portal.http import client_ip, user_agent
 
 SUBMIT_RATE_LIMITED = "Too many submissions from your account; try again in an hour."
 NOT_UTF8 = "The form was not sent as UTF-8; reload the page and try again."
-
-
-def client_ip(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
-def user_agent(request: HttpRequest) -> str:
-    return request.META.get("HTTP_USER_AGENT", "")[:300]
 
 
 def require_utf8_form(view):

@@ -230,6 +230,9 @@ EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
 EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 10, minimum=1)
 DEFAULT_FROM_EMAIL = envstr("DEFAULT_FROM_EMAIL", "LLaMA access <noreply@localhost>")
 
+# Submissions per user, for the pages (django-ratelimit) and the API (DRF throttle).
+PORTAL_SUBMIT_RATE = envstr("PORTAL_SUBMIT_RATE", "10/h")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -240,7 +243,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "submit": envstr("PORTAL_SUBMIT_RATE", "10/h"),
+        "submit": PORTAL_SUBMIT_RATE,
         "review": "600/hour",
     },
     "EXCEPTION_HANDLER": "portal.api_errors.exception_handler",
@@ -340,7 +343,6 @@ PORTAL_EXTRA_FREE_MAIL_DOMAINS = [d.lower() for d in envlist("PORTAL_EXTRA_FREE_
 PORTAL_REVIEWER_NOTIFICATIONS = envchoice(
     "PORTAL_REVIEWER_NOTIFICATIONS", "immediate", ("immediate", "daily")
 )
-PORTAL_SUBMIT_RATE = envstr("PORTAL_SUBMIT_RATE", "10/h")
 PORTAL_REVIEWERS_GROUP = "Reviewers"
 # An outbox row claimed by a worker that died is retried after this long.
 PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS = envint("PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS", 300, minimum=10)

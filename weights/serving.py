@@ -32,6 +32,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 
+from portal.http import client_ip, user_agent
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
 from weights.refusals import (
@@ -200,8 +201,8 @@ class Visit:
     @classmethod
     def of(cls, request: HttpRequest) -> Visit:
         return cls(
-            ip_address=request.META.get("REMOTE_ADDR") or None,
-            user_agent=request.headers.get("User-Agent", ""),
+            ip_address=client_ip(request),
+            user_agent=user_agent(request),
             range_header=request.headers.get("Range", ""),
         )
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from weights.checksums import ChecklistError, parse_checklist
+
 from .model import ModelArgs, Transformer
 
 PARAMS = "params.json"
@@ -36,7 +38,6 @@ ERR_KEYS = "state dict keys differ from the model: missing {missing}, unexpected
 ERR_UNSAFE = "{path}: refused to load, the file is not a plain tensor archive ({reason})"
 ERR_UNREADABLE = "{path}: not a readable PyTorch tensor archive ({reason})"
 ERR_NOT_STATE_DICT = "{path}: expected a dict of tensors"
-ERR_CHECKLIST_LINE = "{path}: line {n} is not '<md5>  <file name>'"
 ERR_SPLIT = "{key}: size {size} on dim {dim} is not divisible by {n} shards"
 
 COLUMN_PARALLEL = {"wq", "wk", "wv", "w1", "w3", "output"}
@@ -84,16 +85,11 @@ def md5_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def read_checklist(path: Path) -> dict[str, str]:
-    """``md5sum`` output: ``<hex>  <name>`` (a ``*`` before the name marks binary mode)."""
-    entries = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split(maxsplit=1)
-        if len(fields) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", fields[0]):
-            raise ChecksumError(ERR_CHECKLIST_LINE.format(path=path, n=n))
-        entries[fields[1].strip().lstrip("*")] = fields[0].lower()
-    return entries
+    """``md5sum`` output, parsed by the same code that checks releases at publish time."""
+    try:
+        return parse_checklist(path.read_text())
+    except ChecklistError as exc:
+        raise ChecksumError(f"{path}: {exc}") from None
 
 
 def write_checklist(directory: Path, names: Iterable[str], filename: str = CHECKLIST) -> None:

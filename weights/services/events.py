@@ -31,7 +31,7 @@ def download_event_record(
         status_code=status_code,
         outcome=outcome,
     )
-    if link is not None and ip_address and link.flagged_at is None:
+    if link is not None and ip_address and link.flagged_at is None and _new_address(event):
         addresses = (
             DownloadEvent.objects.filter(link=link, ip_address__isnull=False)
             .values("ip_address")
@@ -43,3 +43,12 @@ def download_event_record(
                 flagged_at=timezone.now()
             )
     return event
+
+
+def _new_address(event: DownloadEvent) -> bool:
+    """Only a first request from an address can push a link over the limit."""
+    return not (
+        DownloadEvent.objects.filter(link_id=event.link_id, ip_address=event.ip_address)
+        .exclude(pk=event.pk)
+        .exists()
+    )
