@@ -1,0 +1,69 @@
+"""What `make run` does after installing: migrate, bootstrap_demo, serve. Run as a newcomer would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_embedded_mode_migrates_bootstraps_and_serves(tmp_path):
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_", "PORTAL_", "DATABASE_", "REDIS_", "WEIGHTS_", "DEMO_"))
+    }
+    env.update(DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_VAR_DIR=str(tmp_path / "var"))
+    (tmp_path / "var").mkdir()  # as the Makefile's `mkdir -p var`
+    manage = [sys.executable, "manage.py"]
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [*manage, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    run("migrate", "--noinput")
+    printed = run("bootstrap_demo")
+    assert "researcher@uni.example.edu" in printed and "password:" in printed
+    assert "Published llama-demo" in printed
+    assert "Published" not in run("bootstrap_demo")  # running it twice is safe
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [*manage, "runserver", "--noreload", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/releases/", timeout=5
+                ) as page:
+                    body = page.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "runserver did not answer within 60 s"
+                time.sleep(0.5)
+        assert "LLaMA 65B" in body and "LLaMA demo" in body
+        assert (tmp_path / "var" / "db.sqlite3").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
