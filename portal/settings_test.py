@@ -6,7 +6,6 @@ Tests that need a real broker or worker switch to it explicitly.
 from __future__ import annotations
 
 from portal.settings import *  # noqa: F403
-from portal.settings import REST_FRAMEWORK
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
@@ -15,11 +14,6 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 ALLOWED_HOSTS = ["testserver", "127.0.0.1", "localhost"]
 PORTAL_ADMIN_REQUIRE_2FA = True
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-}
-REST_FRAMEWORK = {**REST_FRAMEWORK}
 
 # A file, not SQLite's shared-cache memory database: live-server tests run requests in
 # threads, and shared-cache mode turns every concurrent write into an immediate error

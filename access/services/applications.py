@@ -206,7 +206,13 @@ def application_submit(
         releases=slugs,
     )
     notify_applicant(application, "application_submitted", releases=_release_names(slugs))
-    _notify_reviewers_of_submission(application, slugs)
+    notify_reviewers(
+        application,
+        "reviewer_new_submission",
+        affiliation=application.affiliation,
+        country=str(application.country.name),
+        releases=_release_names(slugs),
+    )
     return application
 
 
@@ -223,22 +229,18 @@ def reviewer_emails(*, exclude: AbstractBaseUser | None = None) -> list[str]:
     return sorted({email for email in users.values_list("email", flat=True) if email})
 
 
-def _notify_reviewers_of_submission(application: Application, slugs: set[str]) -> None:
+def notify_reviewers(application: Application, kind: str, **extra: Any) -> None:
+    """Immediate notices to every reviewer but the applicant; the daily digest replaces them."""
     if settings.PORTAL_REVIEWER_NOTIFICATIONS != "immediate":
         return
+    context = {
+        "application_id": application.pk,
+        "full_name": application.full_name,
+        "admin_url": reverse("admin:access_application_change", args=[application.pk]),
+        **extra,
+    }
     for email in reviewer_emails(exclude=application.applicant):
-        notification_create(
-            kind="reviewer_new_submission",
-            recipient=email,
-            context={
-                "application_id": application.pk,
-                "full_name": application.full_name,
-                "affiliation": application.affiliation,
-                "country": str(application.country.name),
-                "releases": _release_names(slugs),
-                "admin_url": reverse("admin:access_application_change", args=[application.pk]),
-            },
-        )
+        notification_create(kind=kind, recipient=email, context=context)
 
 
 @transaction.atomic
@@ -283,8 +285,8 @@ def application_answer(
         from_status=Status.INFO_REQUESTED,
         message=answer,
     )
-    if settings.PORTAL_REVIEWER_NOTIFICATIONS != "immediate":
-        return application
+    notify_reviewers(application, "reviewer_answer_received", answer=answer)
+    return application
     for email in reviewer_emails(exclude=applicant):
         notification_create(
             kind="reviewer_answer_received",
