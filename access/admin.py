@@ -20,6 +20,7 @@ from django_countries import countries
 from access import admin_actions
 from access.errors import InvalidInput, ServiceError
 from access.models import (
+    ApiToken,
     Application,
     ApplicationEvent,
     Grant,
@@ -30,6 +31,7 @@ from access.models import (
 from access.selectors import review_queue, screening_flags
 from access.services import reviews
 from access.services.licenses import license_publish
+from access.services.notifications import outbox_retry
 
 Status = Application.Status
 
@@ -89,9 +91,22 @@ class GrantStateFilter(UnsetDateFilter):
     field, unset_label, set_label = "revoked_at", "Active", "Revoked"
 
 
-class SentFilter(UnsetDateFilter):
+class SentFilter(admin.SimpleListFilter):
+    """Outbox rows by state: pending (will be tried again), sent, or failed for good."""
+
     title, parameter_name = "delivery", "sent"
-    field, unset_label, set_label = "sent_at", "Not sent yet", "Sent"
+
+    def lookups(self, request, model_admin):
+        return (("no", "Pending"), ("yes", "Sent"), ("failed", "Failed"))
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.filter(sent_at__isnull=True, failed_at__isnull=True)
+        if self.value() == "yes":
+            return queryset.filter(sent_at__isnull=False)
+        if self.value() == "failed":
+            return queryset.filter(sent_at__isnull=True, failed_at__isnull=False)
+        return queryset
 
 
 @admin.register(Application)
@@ -390,7 +405,42 @@ class LicenseAcceptanceAdmin(ReadOnlyAdmin):
 
 @admin.register(Notification)
 class NotificationAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "kind", "recipient", "sent_at", "attempts", "last_error")
+    list_display = (
+        "created_at",
+        "kind",
+        "recipient",
+        "sent_at",
+        "failed_at",
+        "attempts",
+        "last_error",
+    )
     list_filter = (SentFilter, "kind")
     search_fields = ("recipient", "kind")
     date_hierarchy = "created_at"
+    actions = ("retry_selected",)
+
+    @admin.action(description="Retry delivery of selected failed notifications")
+    def retry_selected(self, request: HttpRequest, queryset) -> None:
+        count = outbox_retry(notification_ids=queryset.values_list("pk", flat=True))
+        self.message_user(request, f"{count} failed notification(s) queued again.")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(ReadOnlyAdmin):
+    """Who holds API tokens. Only digests exist; an operator can revoke (delete) a token."""
+
+    list_display = (
+        "name",
+        "user",
+        "token_key",
+        "second_factor",
+        "created",
+        "expiry",
+        "last_used_at",
+    )
+    list_filter = ("second_factor",)
+    search_fields = ("name", "token_key", "user__email")
+    exclude = ("digest", "password_stamp")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("access.delete_apitoken")

@@ -16,7 +16,6 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, permissions, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
@@ -25,9 +24,12 @@ from rest_framework.views import APIView
 from access import errors, selectors
 from access import serializers as s
 from access.models import Application, LicenseAcceptance, LicenseVersion
+from access.second_factor import NEEDS_SECOND_FACTOR, second_factor_satisfied
 from access.services import applications as application_services
 from access.services import licenses as license_services
 from access.services import reviews as review_services
+from access.services import throttles
+from portal.api_parsers import JSONParser
 from portal.http import client_ip, user_agent
 from weights.models import Release
 
@@ -60,10 +62,17 @@ class Page(PageNumberPagination):
 
 
 class IsReviewer(permissions.BasePermission):
+    """A reviewer, on a request backed by a second factor (access.second_factor)."""
+
     message = errors.NOT_REVIEWER
 
     def has_permission(self, request: Request, view: APIView) -> bool:
-        return review_services.is_reviewer(request.user)
+        if not review_services.is_reviewer(request.user):
+            return False
+        if not second_factor_satisfied(request):
+            self.message, self.code = NEEDS_SECOND_FACTOR, "second_factor_required"
+            return False
+        return True
 
 
 class JsonAPIView(APIView):
@@ -173,8 +182,8 @@ class ApplicationDetail(ResearcherView):
 
 
 class ApplicationSubmit(ResearcherView):
-    throttle_scope = "submit"
-
+    # The allowance (access.services.throttles) counts successful submissions only, so a
+    # 400 or 409 here costs nothing; a 429 carries Retry-After.
     @extend_schema(
         request=s.SubmitSerializer, responses={200: s.ApplicationSerializer, 429: _error, **ERRORS}
     )
@@ -183,6 +192,7 @@ class ApplicationSubmit(ResearcherView):
         parse(s.SubmitSerializer, request)
         # Acceptance and submission stand or fall together.
         with transaction.atomic():
+            throttles.submission_allowance_check(user=request.user)
             current = license_services.license_current()
             acceptance = None if current is None else accept_license(request, current)
             application = application_services.application_submit(

@@ -30,6 +30,11 @@ class InvalidInput(ServiceError):
     http_status = 400
 
 
+class NotFound(ServiceError):
+    code = "not_found"
+    http_status = 404
+
+
 ALREADY_OPEN = "You already have an open application. Finish, withdraw or wait for it first."
 NO_CURRENT_LICENSE = "No license is in effect yet; applications are closed."
 LICENSE_NOT_ACCEPTED = "You must accept the current license to submit."

@@ -4,6 +4,7 @@ from django import forms
 
 from access.models import Application
 from access.services.applications import EDITABLE_FIELDS
+from access.validators import ANSWER_TEXT, NoInvisibleCharacters
 from weights.models import Release
 
 
@@ -45,8 +46,31 @@ class ApplicationForm(forms.ModelForm):
 
 
 class AnswerForm(forms.Form):
-    answer = forms.CharField(widget=forms.Textarea(attrs={"rows": 5}), max_length=5000, strip=True)
+    answer = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 5}),
+        max_length=5000,
+        strip=True,
+        validators=[ANSWER_TEXT],
+    )
 
 
 class LicenseAcceptForm(forms.Form):
     accept = forms.BooleanField(required=True, label="I have read and accept this license")
+
+
+LIFETIME_CHOICES = (1, 7, 30, 90)
+
+
+class ApiTokenForm(forms.Form):
+    name = forms.CharField(
+        max_length=100,
+        help_text="What will use it, e.g. “lab cluster” or “CI script”.",
+        validators=[NoInvisibleCharacters("The token name")],
+    )
+    days = forms.TypedChoiceField(coerce=int, label="Expires after")
+
+    def __init__(self, *args, max_days: int, default_days: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        choices = [d for d in LIFETIME_CHOICES if d <= max_days] or [max_days]
+        self.fields["days"].choices = [(d, f"{d} day{'s' if d > 1 else ''}") for d in choices]
+        self.fields["days"].initial = min(default_days, max(choices))

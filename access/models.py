@@ -7,8 +7,14 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 from django_countries.fields import CountryField
+from knox.models import AbstractAuthToken
 
-from access.validators import validate_intended_use_length, validate_orcid, validate_scholar_url
+from access.validators import (
+    NoInvisibleCharacters,
+    validate_intended_use_length,
+    validate_orcid,
+    validate_scholar_url,
+)
 
 
 class LicenseVersion(models.Model):
@@ -79,24 +85,47 @@ class Application(models.Model):
     status = models.CharField(
         max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True
     )
-    full_name = models.CharField(max_length=200, blank=True)
-    institutional_email = models.EmailField(blank=True)
-    affiliation = models.CharField(max_length=200, blank=True)
+    full_name = models.CharField(
+        max_length=200, blank=True, validators=[NoInvisibleCharacters("Full name")]
+    )
+    institutional_email = models.EmailField(
+        blank=True, validators=[NoInvisibleCharacters("Institutional email")]
+    )
+    affiliation = models.CharField(
+        max_length=200, blank=True, validators=[NoInvisibleCharacters("Affiliation")]
+    )
     organisation_type = models.CharField(
         max_length=20, choices=OrganisationType.choices, blank=True
     )
     country = CountryField(blank=True)
-    role = models.CharField("role or position", max_length=200, blank=True)
+    role = models.CharField(
+        "role or position",
+        max_length=200,
+        blank=True,
+        validators=[NoInvisibleCharacters("Role or position")],
+    )
     orcid = models.CharField("ORCID iD", max_length=19, blank=True, validators=[validate_orcid])
     scholar_url = models.URLField(
-        "Google Scholar profile", blank=True, validators=[validate_scholar_url]
+        "Google Scholar profile",
+        blank=True,
+        validators=[validate_scholar_url, NoInvisibleCharacters("Google Scholar profile")],
     )
-    homepage_url = models.URLField("homepage", blank=True)
+    homepage_url = models.URLField(
+        "homepage", blank=True, validators=[NoInvisibleCharacters("Homepage")]
+    )
     publications = models.TextField(
-        "other publication or profile links", blank=True, max_length=2000
+        "other publication or profile links",
+        blank=True,
+        max_length=2000,
+        validators=[NoInvisibleCharacters("Publication links", multiline=True)],
     )
     intended_use = models.TextField(
-        "intended research use", blank=True, validators=[validate_intended_use_length]
+        "intended research use",
+        blank=True,
+        validators=[
+            validate_intended_use_length,
+            NoInvisibleCharacters("Intended research use", multiline=True),
+        ],
     )
     requested_releases = models.ManyToManyField(
         "weights.Release", related_name="applications", blank=True
@@ -231,6 +260,9 @@ class Notification(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True, db_index=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+    # Set when the row can never be delivered (a permanent error, or retries exhausted);
+    # the sweep skips it and operators see it in the admin and in portal_stats.
+    failed_at = models.DateTimeField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["created_at"]
@@ -240,3 +272,26 @@ class Notification(models.Model):
 
     def is_sent(self) -> bool:
         return self.sent_at is not None
+
+    def is_failed(self) -> bool:
+        return self.failed_at is not None
+
+
+class ApiToken(AbstractAuthToken):
+    """A personal API token (django-rest-knox): only a digest is stored, shown once.
+
+    `second_factor` says the token was minted from a session that passed TOTP; only such
+    tokens may act as a reviewer. `password_stamp` ties the token to the password it was
+    minted under: any password change, on any door, ends every token.
+    """
+
+    name = models.CharField(max_length=100)
+    second_factor = models.BooleanField(default=False)
+    password_stamp = models.CharField(max_length=128, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.token_key}…) of {self.user}"

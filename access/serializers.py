@@ -24,6 +24,7 @@ from access.models import (
 )
 from access.selectors import screening_flags
 from access.services.applications import EDITABLE_FIELDS
+from access.validators import ANSWER_TEXT
 from weights.models import Release
 
 UNKNOWN_FIELD = "Unknown field. See /api/docs/ for the fields this endpoint accepts."
@@ -131,7 +132,7 @@ class LicenseAcceptSerializer(StrictSerializer):
 
 
 class AnswerSerializer(StrictSerializer):
-    answer = serializers.CharField(max_length=MAX_TEXT)
+    answer = serializers.CharField(max_length=MAX_TEXT, validators=[ANSWER_TEXT])
 
 
 class ReasonSerializer(StrictSerializer):

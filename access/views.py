@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-from functools import wraps
-from urllib.parse import parse_qsl
-
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
-from django_ratelimit.core import is_ratelimited
-from rest_framework.authtoken.models import Token
 
 from access import errors, selectors
 from access.forms import AnswerForm, ApplicationForm, LicenseAcceptForm
 from access.models import Application, LicenseAcceptance
 from access.services import applications as application_services
 from access.services import licenses as license_services
+from access.services import throttles
+from portal.form_encoding import NOT_UTF8 as NOT_UTF8  # checked for every form
 from portal.http import client_ip, user_agent
-
-SUBMIT_RATE_LIMITED = "Too many submissions from your account; try again in an hour."
-NOT_UTF8 = "The form was not sent as UTF-8; reload the page and try again."
-
-
-def require_utf8_form(view):
-    """Refuse a form body that is not UTF-8.
-
-    Django decodes such bodies leniently (raw bytes as Latin-1, bad %-escapes as U+FFFD),
-    which would store mojibake; a 400 is the honest answer.
-    """
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if request.method == "POST" and request.content_type == "application/x-www-form-urlencoded":
-            try:
-                parse_qsl(
-                    request.body.decode("utf-8"),
-                    keep_blank_values=True,
-                    encoding="utf-8",
-                    errors="strict",
-                )
-            except UnicodeDecodeError:
-                return HttpResponseBadRequest(NOT_UTF8, content_type="text/plain; charset=utf-8")
-        return view(request, *args, **kwargs)
-
-    return wrapper
 
 
 def posted(request: HttpRequest):
@@ -56,7 +25,6 @@ def posted(request: HttpRequest):
 
 
 @login_required
-@require_utf8_form
 def apply(request: HttpRequest) -> HttpResponse:
     current = selectors.application_open_for(user=request.user)
     if current is not None and not current.is_editable():
@@ -93,16 +61,12 @@ def apply(request: HttpRequest) -> HttpResponse:
 def _submit(
     request: HttpRequest, form: ApplicationForm, application: Application, license_version
 ) -> bool:
-    if is_ratelimited(
-        request, group="access.submit", key="user", rate=settings.PORTAL_SUBMIT_RATE, increment=True
-    ):
-        form.add_error(None, SUBMIT_RATE_LIMITED)
-        return False
     if not form.cleaned_data.get("accept_license"):
         form.add_error("accept_license", errors.LICENSE_NOT_ACCEPTED)
         return False
     try:
         with transaction.atomic():
+            throttles.submission_allowance_check(user=request.user)
             acceptance = None
             if license_version is not None:
                 acceptance = license_services.license_accept(
@@ -163,7 +127,6 @@ def application_withdraw(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
-@require_utf8_form
 def application_answer(request: HttpRequest, pk: int) -> HttpResponse:
     application = get_object_or_404(selectors.applications_for(user=request.user), pk=pk)
     form = AnswerForm(request.POST)
@@ -195,7 +158,6 @@ def license_current(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_utf8_form
 def license_accept(request: HttpRequest) -> HttpResponse:
     license_version = license_services.license_current()
     if license_version is None:
@@ -230,14 +192,3 @@ def _safe_next(request: HttpRequest) -> bool:
     return bool(target) and url_has_allowed_host_and_scheme(
         target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
     )
-
-
-@login_required
-def api_token(request: HttpRequest) -> HttpResponse:
-    token = None
-    if request.method == "POST":
-        Token.objects.filter(user=request.user).delete()
-        token = Token.objects.create(user=request.user)
-        messages.success(request, "New API token created. Copy it now; it is shown only once.")
-    has_token = Token.objects.filter(user=request.user).exists()
-    return render(request, "access/api_token.html", {"token": token, "has_token": has_token})

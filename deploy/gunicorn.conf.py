@@ -3,9 +3,12 @@
 Every value can be changed through the environment (GUNICORN_*), and command-line
 flags still win over this file. Two things here are security properties:
 
-* No download token reaches a log: `/d/<token>/...` is masked in every access and
-  error line (request line, path, referer, headers), with the same
-  ``portal.logging_filters.redact`` that masks Django's own logs.
+* No bearer secret reaches a log: download tokens, password-reset and
+  email-confirmation keys are masked in every access and error line (request line,
+  path, referer, headers), with the same ``portal.logging_filters.redact`` that masks
+  Django's own logs. The access line quotes the raw request target, which gunicorn
+  percent-decodes (``%2f`` included) before Django routes it, so ``/%64/<token>/`` is a
+  link too: ``redact`` decodes and resolves each URL before masking it.
 * The client address is the real one: behind nginx the TCP peer is nginx, so a
   request from a trusted proxy (``FORWARDED_ALLOW_IPS``) has ``REMOTE_ADDR``
   replaced by the right-most ``X-Forwarded-For`` entry, the address nginx saw.

@@ -46,6 +46,7 @@ class DemoRequestAdmin(admin.ModelAdmin):
                     "ttft_ms",
                     "duration_ms",
                     "started_at",
+                    "cancel_requested_at",
                     "finished_at",
                     "error",
                     "retention",

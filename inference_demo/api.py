@@ -13,7 +13,6 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -22,6 +21,7 @@ from access.serializers import ErrorSerializer
 from inference_demo import serializers as s
 from inference_demo import sse
 from inference_demo.views import cancel_response, demo_release, generate_response
+from portal.api_parsers import JSONParser
 
 _refusal = OpenApiResponse(s.DemoRefusalSerializer)
 _error = OpenApiResponse(ErrorSerializer)  # raised by DRF itself: {"detail": ...}

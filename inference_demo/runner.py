@@ -16,10 +16,13 @@ Events (JSON-serialisable dicts), in order::
   | {"event": "error", "code": "busy"|"prompt_too_long"|"model_error"|"unavailable"|
      "cancelled", "message": str}                # exactly one terminal event
 
-Cancelling: ``should_cancel`` is polled between deltas and while waiting; when it
-turns true the engine request is cancelled (it frees its slot within one decode step)
-and the run ends with the "cancelled" error. Closing the generator early (the client
-went away) does the same without the final event. Either way the row ends cancelled.
+Cancelling: a Stop reaches the run from whichever process received it, through the
+row (``services.demo_request_cancel``), which the run reads at most every
+``CANCEL_POLL_S``; the transport's own ``should_cancel`` (a local event, a Redis key)
+is polled between deltas and while waiting as the quicker path. When either turns true
+the engine request is cancelled (it frees its slot within one decode step) and the run
+ends with the "cancelled" error. Closing the generator early (the client went away)
+does the same without the final event. Either way the row ends cancelled.
 
 No torch at import time: the web process imports this module.
 """
@@ -44,6 +47,7 @@ Event = dict[str, Any]
 POLL_S = 0.1  # how often a waiting run checks cancellation and its queue position
 QUEUED_EVERY_S = 0.5  # at most this often a changed queue position is reported
 DRAIN_S = 5.0  # how long a cancelled run waits for the engine to release the slot
+CANCEL_POLL_S = 0.2  # how often a run asks the database whether a Stop was recorded
 
 MSG_BUSY = "The demo is busy right now; try again in a minute."
 MSG_PROMPT_TOO_LONG = "The prompt is too long for this model: {detail}."
@@ -92,6 +96,26 @@ def _ms(seconds: float) -> int:
 
 def _never() -> bool:
     return False
+
+
+class CancelWatch:
+    """Whether a Stop reached this request: the transport's signal, or the recorded row."""
+
+    def __init__(self, request_id: int, signal: Callable[[], bool] | None = None) -> None:
+        self.request_id = request_id
+        self.signal = signal or _never
+        self.seen = False
+        self._asked_at: float | None = None
+
+    def __call__(self) -> bool:
+        if self.seen:
+            return True
+        if self.signal():
+            self.seen = True
+        elif self._asked_at is None or time.monotonic() - self._asked_at >= CANCEL_POLL_S:
+            self._asked_at = time.monotonic()
+            self.seen = services.demo_cancel_requested(request_id=self.request_id)
+        return self.seen
 
 
 class _Pump(threading.Thread):
@@ -168,7 +192,7 @@ def _counts(completion: Any) -> dict[str, Any]:
 
 def run(request_id: int, *, should_cancel: Callable[[], bool] | None = None) -> Iterator[Event]:
     """Generate for one queued DemoRequest; yields events, records the outcome."""
-    cancel_requested = should_cancel or _never
+    cancel_requested = CancelWatch(request_id, should_cancel)
     row = DemoRequest.objects.select_related("release").filter(pk=request_id).first()
     if row is None:
         yield error_event("model_error", "No such demo request.")

@@ -139,6 +139,25 @@ def demo_request_started(*, request_id: int) -> bool:
     )
 
 
+def demo_request_cancel(*, request_id: int) -> bool:
+    """Record a Stop on an open request; the process that runs it reads the row.
+
+    Any web process may receive the Stop, and only the one generating (a web process in
+    embedded mode, a demo worker in services mode) can act on it, so the database, which
+    all of them share, carries it. True when this call recorded it.
+    """
+    return bool(
+        DemoRequest.objects.filter(
+            pk=request_id, status__in=DemoRequest.OPEN_STATUSES, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=timezone.now())
+    )
+
+
+def demo_cancel_requested(*, request_id: int) -> bool:
+    """Whether a Stop was recorded for this request (one primary-key lookup)."""
+    return DemoRequest.objects.filter(pk=request_id, cancel_requested_at__isnull=False).exists()
+
+
 def demo_request_finished(
     *,
     request_id: int,

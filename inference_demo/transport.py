@@ -4,16 +4,21 @@ Two transports, chosen by ``settings.DEMO_TRANSPORT``, one generation loop
 (``runner.run``) above both:
 
 * ``inprocess`` (embedded mode): the web process runs the loop itself, on the engine
-  ``runtime.get_engine`` loaded into this process. Cancelling works within this
-  process (embedded mode serves from one process).
+  ``runtime.get_engine`` loaded into this process.
 * ``redis`` (services mode): the web process enqueues ``tasks.run_demo_request`` on
   the Celery queue ``demo``; the demo worker runs the loop and appends every event to
   the Redis stream ``demo:stream:<id>`` (XADD, capped by MAXLEN, expiring after
   ``KEY_TTL_S``); the web side reads it with blocking XREADs of at most 0.5 s and
-  relays the events. Stopping sets ``demo:cancel:<id>``, which the worker checks
-  between deltas. A worker that does not answer within ``DEMO_WORKER_WAIT_S`` makes
+  relays the events. A worker that does not answer within ``DEMO_WORKER_WAIT_S`` makes
   the request fail as "unavailable"; demo workers announce themselves with a
   heartbeat key (``heartbeat.py``) that ``demo_available`` looks for.
+
+Stopping works the same in both, whichever web process receives the Stop: it is
+recorded on the row (``services.demo_request_cancel``), which the generating process
+reads every ``runner.CANCEL_POLL_S``; a local event (in-process) or the Redis key
+``demo:cancel:<id>``, which the worker checks between deltas, only make it quicker,
+and the web side of the stream also uses that key to stop a worker when its client
+goes away or the stream times out.
 
 The public API, used by the demo page and the API::
 
@@ -37,7 +42,7 @@ from typing import Any
 
 from django.conf import settings
 
-from inference_demo import runner, runtime
+from inference_demo import runner, runtime, services
 from inference_demo.models import DemoRequest
 
 log = logging.getLogger(__name__)
@@ -90,12 +95,18 @@ def stream_request(demo_request: DemoRequest) -> Iterator[Event]:
 def cancel_request(request_id: int) -> None:
     """Stop a request wherever it runs (the Stop button); idempotent."""
     if settings.DEMO_TRANSPORT == "redis":
-        redis_client().set(cancel_key(request_id), "1", ex=KEY_TTL_S)
+        from redis.exceptions import RedisError
+
+        try:
+            redis_client().set(cancel_key(request_id), "1", ex=KEY_TTL_S)
+        except RedisError as exc:  # the worker still reads the Stop from the row
+            log.warning("demo request %s: no cancel key in Redis: %r", request_id, exc)
     else:
-        with _local_lock:  # only a request streaming in this process can be stopped here
+        with _local_lock:
             event = _local_cancels.get(request_id)
-        if event is not None:
+        if event is not None:  # streaming in this process: stop at the next delta
             event.set()
+    services.demo_request_cancel(request_id=request_id)
 
 
 def demo_available(slug: str) -> bool:
@@ -234,7 +245,10 @@ def _stream_redis(request_id: int) -> Iterator[Event]:
         while True:
             now = time.monotonic()
             if not accepted:
-                if client.exists(cancel_key(request_id)):  # Stop before any worker took it
+                stopped = client.exists(cancel_key(request_id)) or services.demo_cancel_requested(
+                    request_id=request_id
+                )
+                if stopped:  # Stop before any worker took it
                     finished = True
                     yield runner.record_failure(request_id, "cancelled", runner.MSG_CANCELLED)
                     return

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from allauth.account.authentication import get_authentication_records
 from allauth.mfa.models import Authenticator
 from allauth.mfa.utils import is_mfa_enabled
 from django.conf import settings
@@ -17,22 +16,12 @@ from django.contrib.auth import logout
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 
+from access.second_factor import second_factor_satisfied, session_passed_second_factor
+
 NEEDS_TOTP = (
     "Staff must set up two-factor authentication (an authenticator app) before using the admin."
 )
 NEEDS_TOTP_LOGIN = "Sign in with your authenticator code to open the admin."
-
-
-def signed_in_with_second_factor(request: HttpRequest) -> bool:
-    records = get_authentication_records(request, request.user)
-    return any(record.get("method") == "mfa" for record in records)
-
-
-def admin_2fa_satisfied(request: HttpRequest) -> bool:
-    if not settings.PORTAL_ADMIN_REQUIRE_2FA:
-        return True
-    user = request.user
-    return is_mfa_enabled(user, [Authenticator.Type.TOTP]) and signed_in_with_second_factor(request)
 
 
 class PortalAdminSite(admin.AdminSite):
@@ -41,7 +30,7 @@ class PortalAdminSite(admin.AdminSite):
     index_title = "Review and operations"
 
     def has_permission(self, request: HttpRequest) -> bool:
-        return super().has_permission(request) and admin_2fa_satisfied(request)
+        return super().has_permission(request) and second_factor_satisfied(request)
 
     def login(self, request: HttpRequest, extra_context=None) -> HttpResponse:
         next_url = request.GET.get("next") or reverse("admin:index")
@@ -55,7 +44,7 @@ class PortalAdminSite(admin.AdminSite):
             if not is_mfa_enabled(user, [Authenticator.Type.TOTP]):
                 messages.warning(request, NEEDS_TOTP)
                 return HttpResponseRedirect(reverse("mfa_activate_totp"))
-            if not signed_in_with_second_factor(request):
+            if not session_passed_second_factor(request):
                 logout(request)
                 messages.info(request, NEEDS_TOTP_LOGIN)
         elif user.is_authenticated and not user.is_staff:

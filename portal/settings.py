@@ -7,6 +7,7 @@ by configuration: PostgreSQL, Redis, SMTP. See README.md.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -43,8 +44,9 @@ INSTALLED_APPS = [
     "allauth.account",
     "allauth.mfa",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from here: no CDN, works offline
     "django_countries",
     "csp",
     "portal",
@@ -56,10 +58,13 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First, so that every response (redirects and refusals included) carries the id.
     "portal.request_id.RequestIdMiddleware",
+    # Above CommonMiddleware: sees the final Content-Length before emptying a HEAD/304.
+    "portal.http_middleware.BodylessResponseMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
+    "portal.http_middleware.CommonMiddleware",
+    "portal.form_encoding.Utf8FormMiddleware",  # before anything reads request.POST
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -129,7 +134,17 @@ if REDIS_URL:
         }
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    # Embedded mode runs several processes too (gunicorn workers, runserver, commands), and
+    # rate-limit counters and used TOTP codes must be shared by all of them: a table in the
+    # database (created by portal's first migration). Many entries, so that a flood of
+    # keys cannot cull the counters that matter.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "portal_cache",
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        }
+    }
 
 # Celery: with no broker configured, tasks run in-process (embedded mode).
 CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", REDIS_URL or "memory://")
@@ -230,29 +245,46 @@ EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
 EMAIL_TIMEOUT = envint("EMAIL_TIMEOUT", 10, minimum=1)
 DEFAULT_FROM_EMAIL = envstr("DEFAULT_FROM_EMAIL", "LLaMA access <noreply@localhost>")
 
-# Submissions per user, for the pages (django-ratelimit) and the API (DRF throttle).
+# Successful submissions per user and sliding window, on every door (access.services.throttles).
 PORTAL_SUBMIT_RATE = envstr("PORTAL_SUBMIT_RATE", "10/h")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "access.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["portal.api_parsers.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "submit": PORTAL_SUBMIT_RATE,
         "review": "600/hour",
     },
     "EXCEPTION_HANDLER": "portal.api_errors.exception_handler",
+}
+# API tokens (django-rest-knox, model access.ApiToken): only a SHA-512 digest is stored;
+# the secret starts with "lap_" so secret scanners can recognise a leaked one.
+KNOX_TOKEN_MODEL = "access.ApiToken"
+# knox's own migrations would create its unused (swapped-out) table with a key to users.
+MIGRATION_MODULES = {"knox": None}
+PORTAL_API_TOKEN_DAYS = envint("PORTAL_API_TOKEN_DAYS", 30, minimum=1)
+PORTAL_API_TOKEN_MAX_DAYS = envint("PORTAL_API_TOKEN_MAX_DAYS", 90, minimum=1)
+# Reviewer tokens act on applications: they live at most this long.
+PORTAL_STAFF_TOKEN_MAX_DAYS = envint("PORTAL_STAFF_TOKEN_MAX_DAYS", 7, minimum=1)
+PORTAL_API_TOKENS_PER_USER = envint("PORTAL_API_TOKENS_PER_USER", 10, minimum=1)
+REST_KNOX = {
+    "TOKEN_PREFIX": "lap_",
+    "TOKEN_TTL": timedelta(days=PORTAL_API_TOKEN_DAYS),
+    "AUTO_REFRESH": False,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLaMA access portal API",
     "DESCRIPTION": "Apply for, review and follow access to model weight releases.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {"ApplicationStatusEnum": "access.models.Application.Status"},
 }
 
@@ -287,9 +319,9 @@ SECURE_REDIRECT_EXEMPT = [r"^healthz/?$", r"^readyz/?$"]
 # Content-Security-Policy (django-csp 4). Scripts run only from this origin or with the
 # per-request nonce (`<script nonce="{{ request.csp_nonce }}">`). Inline styles stay
 # allowed: templates use style attributes, which a nonce cannot cover. The Swagger UI
-# page loads its bundle from a CDN and is left out. CSP_REPORT_URI collects violations.
+# page is no exception: its files and start-up script are served from this origin
+# (portal/api_docs.py). CSP_REPORT_URI collects violations.
 CONTENT_SECURITY_POLICY = {
-    "EXCLUDE_URL_PREFIXES": ["/api/docs/"],
     "DIRECTIVES": {
         "default-src": [SELF],
         "script-src": [SELF, NONCE],

@@ -1,8 +1,7 @@
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.urls import include, path, re_path
 
-from portal import health, views
+from portal import api_docs, api_errors, health, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -14,8 +13,14 @@ urlpatterns = [
     path("", include("weights.urls")),
     path("", include("inference_demo.urls")),
     path("api/", include("access.api_urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/schema/", api_docs.SchemaView.as_view(), name="api-schema"),
+    path("api/docs/", api_docs.DocsView.as_view(), name="api-docs"),
+    # Last: anything else under /api/ is a JSON 404, never an HTML page or a slash redirect.
+    re_path(
+        r"^api(?:/[\s\S]*)?\Z",
+        api_errors.endpoint_not_found,
+        name=api_errors.NOT_FOUND_URL_NAME,
+    ),
 ]
 
 handler500 = "portal.errors.server_error"

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 hostile.schemathesis_run if ok else (lambda r: skip),
                 needs_s=60,
             )
+            run.scenario(
+                "hostile_requests", hostile.requests_run if ok else (lambda r: skip), needs_s=20
+            )
     finally:
         run.stack.close()
     summary = report.summarise(run.results, when=when, machine=machine())

@@ -1,15 +1,25 @@
-"""Hostile input: schemathesis against the portal's OpenAPI schema on the running gunicorn.
+"""Hostile input against the running gunicorn: schemathesis, then hand-made requests.
+
+`schemathesis_run`: schemathesis against the portal's OpenAPI schema.
 
 Bounded by --max-examples per operation and --max-time for the whole run; a researcher
-token (rest_framework.authtoken) authenticates every request. `not_a_server_error` is
+token (django-rest-knox, `Authorization: Bearer`) authenticates every request. `not_a_server_error` is
 the check: any 5xx is reported with the operation and the reproducing request.
+
+`requests_run`: the requests a schema-driven fuzzer does not make, each with the exact
+answer expected: 100,000-deep JSON, invisible and control characters in a name, a POST
+without its trailing slash and unknown API paths and methods, HEAD and 304 framing on a
+keep-alive connection, POST to a download link. Each case reports what it got.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from prove.stack import BIN, REPO
@@ -97,3 +107,175 @@ def schemathesis_run(run) -> dict:
         "runs": runs,
         "note": json.dumps({"checks": "not_a_server_error"}),
     }
+
+
+# --- hand-made hostile requests ----------------------------------------------------------
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+BAD_TOKEN = "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+INVISIBLE_NAMES = {
+    "right-to-left override": "Ada \u202eevorP",
+    "zero-width space": "Ada\u200bProver",
+    "carriage return": "Ada\r\nBcc: all@example.org",
+}
+DRAFT = {
+    "institutional_email": "ada@uni.example.edu",
+    "affiliation": "University of Examples",
+    "organisation_type": "academic",
+    "country": "GB",
+    "role": "Research fellow",
+    "intended_use": "Studying robustness of language models under distribution shift.",
+}
+
+
+def _exchange(
+    port: int, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def _raw(port: int, method: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """What the server puts on the wire for one request (Connection: close), split up."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *rest = head.decode("latin-1").split("\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest)}
+    return int(status_line.split()[1]), fields, body
+
+
+def _json(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {"not_json": body[:200].decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"json": value}
+
+
+def _count(port: int, auth: dict) -> int:
+    _, _, body = _exchange(port, "GET", "/api/applications/", headers=auth)
+    data = _json(body)
+    return data.get("count", len(data.get("results", data.get("json", []))))
+
+
+def _deep_json(port: int, auth: dict) -> tuple[bool, dict]:
+    json_type = {"Content-Type": "application/json"}
+    got = {}
+    for who, headers in (("researcher", {**auth, **json_type}), ("anonymous", json_type)):
+        status, _, body = _exchange(
+            port, "POST", "/api/applications/", body=DEEP_JSON, headers=headers
+        )
+        got[who] = [status, str(_json(body).get("detail", ""))[:120]]
+    ok = got["researcher"][0] == 400 and "nested too deeply" in got["researcher"][1]
+    return ok and got["anonymous"][0] == 401, got
+
+
+def _control_characters(port: int, auth: dict, slug: str) -> tuple[bool, dict]:
+    before = _count(port, auth)
+    got, ok = {}, True
+    for name, full_name in INVISIBLE_NAMES.items():
+        body = json.dumps({**DRAFT, "full_name": full_name, "releases": [slug]}).encode()
+        headers = {**auth, "Content-Type": "application/json"}
+        status, _, raw = _exchange(port, "POST", "/api/applications/", body=body, headers=headers)
+        message = _json(raw).get("full_name")
+        got[name] = [status, message]
+        ok = ok and status == 400 and bool(message)
+    after = _count(port, auth)
+    got["applications_before_after"] = [before, after]
+    return ok and before == after, got
+
+
+def _slashes_and_methods(port: int, auth: dict) -> tuple[bool, dict]:
+    json_type = {**auth, "Content-Type": "application/json"}
+    checks = {  # name: method, path, status, a piece of the detail
+        "POST /api/applications": ("POST", "/api/applications", 404, "/api/applications/"),
+        "GET /api/nowhere/": ("GET", "/api/nowhere/", 404, "/api/docs/"),
+        "PUT /api/schema/": ("PUT", "/api/schema/", 405, 'Method "PUT" not allowed.'),
+        "DELETE /api/releases/": ("DELETE", "/api/releases/", 405, 'Method "DELETE"'),
+    }
+    got, ok = {}, True
+    for name, (method, path, expected, needle) in checks.items():
+        status, headers, body = _exchange(port, method, path, body=b"{}", headers=json_type)
+        detail = str(_json(body).get("detail", body[:80]))
+        got[name] = [status, headers.get("content-type"), headers.get("location"), detail[:140]]
+        ok = ok and status == expected and needle in detail and "location" not in headers
+        ok = ok and headers.get("content-type") == "application/json"
+        if expected == 405:
+            ok = ok and bool(headers.get("allow"))
+    return ok, got
+
+
+def _head_and_304(port: int, token: str, shard: str) -> tuple[bool, dict]:
+    pages = {  # path: status of its GET
+        "/nowhere/": 404,
+        "/": 200,
+        f"/d/{BAD_TOKEN}/{shard}": 404,
+        f"/d/{token}/": 200,
+        "/api/nowhere/": 404,
+    }
+    got, ok = {}, True
+    for path in [*pages, f"/d/{token}/{shard}"]:
+        status, _, body = _raw(port, "HEAD", path)
+        got["HEAD " + path.replace(token, "<token>")] = [status, len(body)]
+        ok = ok and status in (200, 404) and body == b""
+    # HEAD then GET, page after page, over one keep-alive connection.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for path, expected in pages.items():
+            conn.request("HEAD", path)
+            conn.getresponse().read()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            ok = ok and response.status == expected and bool(response.read())
+        got["keep-alive HEAD then GET"] = "ok" if ok else "broken"
+    finally:
+        conn.close()
+    etag = _raw(port, "HEAD", f"/d/{token}/{shard}")[1].get("etag", "")
+    status, headers, body = _raw(port, "GET", f"/d/{token}/{shard}", {"If-None-Match": etag})
+    got["304"] = [status, headers.get("content-length"), len(body)]
+    ok = ok and status == 304 and "content-length" not in headers and body == b""
+    return ok, got
+
+
+def _post_to_a_link(port: int, token: str, shard: str) -> tuple[bool, list]:
+    status, headers, _ = _exchange(port, "POST", f"/d/{token}/{shard}", body=b"x=1")
+    return status == 405 and headers.get("allow") == "GET, HEAD", [status, headers.get("allow")]
+
+
+def _case(name: str, check: Callable[[], tuple[bool, object]]) -> dict:
+    try:
+        ok, got = check()
+    except Exception as exc:  # a case that breaks is a finding, reported with the rest
+        ok, got = False, f"{type(exc).__name__}: {exc}"[:400]
+    return {"case": name, "ok": ok, "got": got}
+
+
+def requests_run(run) -> dict:
+    stack = run.stack
+    server = stack.start_gunicorn(stack.env())
+    try:
+        link = run.data["links"][4]
+        auth = {"Authorization": f"Bearer {link['api_token']}"}
+        token, shard, port = link["token"], "7B/consolidated.00.pth", server.port
+        cases = [
+            _case("deep_json", lambda: _deep_json(port, auth)),
+            _case("control_characters", lambda: _control_characters(port, auth, "llama-7b")),
+            _case("slashes_and_methods", lambda: _slashes_and_methods(port, auth)),
+            _case("head_and_304", lambda: _head_and_304(port, token, shard)),
+            _case("post_to_a_link", lambda: _post_to_a_link(port, token, shard)),
+        ]
+    finally:
+        server.stop()
+    failed = [c["case"] for c in cases if not c["ok"]]
+    return {"status": "ok" if not failed else "failed", "failed": failed, "cases": cases}

@@ -24,15 +24,15 @@ APPLICATION_FIELDS = {
 def _user(username: str):
     from allauth.account.models import EmailAddress
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from access.tokens import token_create
 
     email = f"{username}@uni.example.edu"
     user, _ = get_user_model().objects.get_or_create(username=username, defaults={"email": email})
     EmailAddress.objects.update_or_create(
         user=user, email=email, defaults={"verified": True, "primary": True}
     )
-    token, _ = Token.objects.get_or_create(user=user)
-    return user, token.key
+    return user, token_create(user=user, name="prove", second_factor=False).secret
 
 
 def _draft(user, slug: str):
@@ -83,11 +83,17 @@ def granted_links(*, prefix: str, count: int, slug: str, budget_copies: int) -> 
 
 
 def reviewer_token() -> dict:
+    """A reviewer token as minted after a TOTP sign-in (the only kind the review API takes)."""
+    from allauth.mfa.totp.internal.auth import TOTP, generate_totp_secret
+    from allauth.mfa.utils import is_mfa_enabled
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from access.tokens import token_create
 
     reviewer = get_user_model().objects.get(username="reviewer")
-    return {"token": Token.objects.get_or_create(user=reviewer)[0].key}
+    if not is_mfa_enabled(reviewer):
+        TOTP.activate(reviewer, generate_totp_secret())
+    return {"token": token_create(user=reviewer, name="prove", second_factor=True).secret}
 
 
 def drafts(*, prefix: str, count: int, slug: str) -> dict:

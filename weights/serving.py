@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import posixpath
 import shlex
+import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from django.urls import reverse
 from django.utils.http import content_disposition_header
 
 from portal.http import client_ip, user_agent
+from weights.checksums import CHECKLIST_NAMES
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
 from weights.refusals import (
@@ -50,6 +53,7 @@ from weights.services.links import (
     budget_limit,
     budget_refund,
     budget_reserve,
+    link_recheck,
     link_resolve,
 )
 from weights.storage import StorageError, get_storage
@@ -58,6 +62,10 @@ logger = logging.getLogger("weights.serving")
 
 Outcome = DownloadEvent.Outcome
 CHUNK_SIZE = 1024 * 1024
+# A running local stream re-checks its link (revocation, grant, license) this often, so a
+# revoked link stops a 13 GB shard within seconds, not at its end.
+RECHECK_SECONDS = 5.0
+RECHECK_BYTES = 64 * 1024 * 1024
 FILE_CACHE = "private"  # a browser may keep the bytes; shared caches may not
 
 
@@ -149,17 +157,26 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
         return refused
     release = link.grant.release
     base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
-    # Paths the file endpoint could not serve would also break the script's here-documents.
+    # The file endpoint would refuse any other path, so the script never asks for one.
     artifacts = [a for a in release.artifacts.order_by("path") if artifact_path_ok(a.path)]
+    title = _one_line(release.name)
+    # Every value reaches sh as a single-quoted word, and every path as ./path, so no name
+    # can run a command or pass for an option. The comment lines get a one-line title.
     context = {
-        "title": " ".join(release.name.split()),  # one line: it goes into a comment
+        "title_comment": title,
+        "title": shlex.quote(title),
         "link": link,
         "presigned_url": shlex.quote(base + "*"),
-        "files": [(quote(a.path), a.path) for a in artifacts],
-        "sha256_lines": [f"{a.sha256}  {a.path}" for a in artifacts],
-        "sums_name": f"{release.slug}.sha256",
+        "files": [
+            (shlex.quote(quote(a.path)), shlex.quote("./" + a.path), a.size) for a in artifacts
+        ],
+        # Each line starts with 64 hex digits, so none can end the here-document early.
+        "sha256_lines": [f"{a.sha256}  ./{a.path}" for a in artifacts],
+        "sums_name": shlex.quote(f"{release.slug}.sha256"),
         "checklists": [
-            a.path for a in artifacts if posixpath.basename(a.path).endswith("checklist.chk")
+            shlex.quote("./" + a.path)
+            for a in artifacts
+            if posixpath.basename(a.path) in CHECKLIST_NAMES
         ],
     }
     response = HttpResponse(
@@ -167,6 +184,12 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
     )
     response["Content-Disposition"] = content_disposition_header(True, "download.sh")
     return protect(response)
+
+
+def _one_line(text: str) -> str:
+    """Text with no line breaks or other control characters, whitespace runs as one space."""
+    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    return " ".join(visible.split())
 
 
 # --- files -------------------------------------------------------------------------------
@@ -332,7 +355,13 @@ def _serve_local(
         handle.close()
         return refused
     status = 206 if byte_range else 200
-    stream = MeteredStream(handle, start, length, on_close=_settle(visit, link, artifact, status))
+    stream = MeteredStream(
+        handle,
+        start,
+        length,
+        on_close=_settle(visit, link, artifact, status),
+        recheck=lambda: link_recheck(link_id=link.pk),
+    )
     response = StreamingHttpResponse(stream, status=status)
     if byte_range:
         response["Content-Range"] = byte_range.content_range
@@ -340,34 +369,63 @@ def _serve_local(
 
 
 def _settle(visit: Visit, link: DownloadLink, artifact: Artifact, status: int):
-    """What happens when a stream ends: refund what was reserved but not sent, record it."""
+    """What happens when a stream ends: refund what was reserved but not sent, record it,
+    with the refusal's outcome (revoked, license) when the portal stopped it."""
 
-    def settle(reserved: int, sent: int) -> None:
+    def settle(reserved: int, sent: int, stopped: LinkRefused | None) -> None:
         budget_refund(link=link, artifact=artifact, nbytes=reserved - sent)
-        outcome = Outcome.SERVED if sent == reserved else Outcome.PARTIAL
+        if stopped is not None:
+            outcome = Refusal.from_error(stopped).outcome
+            logger.info("stopped a download on link %s after %d bytes: %s", link.pk, sent, outcome)
+        else:
+            outcome = Outcome.SERVED if sent == reserved else Outcome.PARTIAL
         visit.record(link=link, artifact=artifact, nbytes=sent, status=status, outcome=outcome)
 
     return settle
+
+
+def _monotonic() -> float:
+    return time.monotonic()
 
 
 class MeteredStream:
     """Yields `length` bytes from `start` in chunks and settles the account exactly once, on
     close(), even when iteration never began. A chunk counts as sent once the server asks for
     the next one (its write returned) or the stream ends: a client that goes away is charged
-    only for what it received."""
+    only for what it received.
+
+    Every RECHECK_SECONDS or RECHECK_BYTES, `recheck` says whether the transfer may go on;
+    a refusal ends the stream there (the client sees a short body and can tell)."""
 
     def __init__(
-        self, handle: BinaryIO, start: int, length: int, *, on_close: Callable[[int, int], None]
+        self,
+        handle: BinaryIO,
+        start: int,
+        length: int,
+        *,
+        on_close: Callable[[int, int, LinkRefused | None], None],
+        recheck: Callable[[], LinkRefused | None] | None = None,
     ) -> None:
         self.handle, self.start, self.length = handle, start, length
         self.sent = 0
+        self.stopped: LinkRefused | None = None
         self._on_close = on_close
+        self._recheck = recheck
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         self.handle.seek(self.start)
         remaining = self.length
+        checked_at, checked_bytes = _monotonic(), 0
         while remaining > 0 and not self._closed:
+            if self._recheck is not None and (
+                self.sent - checked_bytes >= RECHECK_BYTES
+                or _monotonic() - checked_at >= RECHECK_SECONDS
+            ):
+                self.stopped = self._recheck()
+                if self.stopped is not None:
+                    break
+                checked_at, checked_bytes = _monotonic(), self.sent
             chunk = self.handle.read(min(CHUNK_SIZE, remaining))
             if not chunk:
                 break  # the file is shorter than recorded: the refund covers the rest
@@ -381,7 +439,7 @@ class MeteredStream:
         self._closed = True
         self.handle.close()
         try:
-            self._on_close(self.length, self.sent)
+            self._on_close(self.length, self.sent, self.stopped)
         except Exception:
             # Django swallows errors raised by closers; make sure this one is seen.
             logger.exception("could not settle a download stream")

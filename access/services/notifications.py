@@ -3,17 +3,26 @@
 Delivery is enqueued after commit; if the broker is down the row stays unsent and
 the periodic sweep delivers it later. Delivery claims a row with a conditional
 UPDATE so that two workers (or a retry) never send the same email twice.
+
+A row that can never be delivered (a header or address that cannot be sent, a broken
+template) is marked failed at its first attempt; a transient error (SMTP, network) is
+retried up to PORTAL_OUTBOX_MAX_ATTEMPTS and then marked failed. The sweep never picks
+a failed row again; operators see them in the admin and in portal_stats.
 """
 
 from __future__ import annotations
 
 import logging
+import smtplib
+import unicodedata
+from collections.abc import Iterable
 from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
+from django.template import TemplateDoesNotExist, TemplateSyntaxError
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -64,21 +73,45 @@ def _claim(notification_id: int) -> bool:
     now = _now()
     stale = now - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
     claimed = (
-        Notification.objects.filter(pk=notification_id, sent_at__isnull=True)
+        Notification.objects.filter(
+            pk=notification_id, sent_at__isnull=True, failed_at__isnull=True
+        )
         .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
         .update(claimed_at=now, attempts=F("attempts") + 1)
     )
     return claimed == 1
 
 
+_HEADER_BREAKS = frozenset({"Cc", "Zl", "Zp"})
+_HEADER_DROPPED = frozenset({"Cf", "Cs"})
+
+
+def header_text(text: str) -> str:
+    """One line fit for an email header: no CR, LF or other control character.
+
+    Names in subjects come from applicants; a stray CR would make Django refuse the
+    message (BadHeaderError) and a bidi override would disguise the subject. Line
+    breaks and controls become a space, invisible format characters go, and runs of
+    whitespace collapse to one space.
+    """
+    kept = []
+    for char in text:
+        category = unicodedata.category(char)
+        if category in _HEADER_BREAKS:
+            kept.append(" ")
+        elif category not in _HEADER_DROPPED:
+            kept.append(char)
+    return " ".join("".join(kept).split())
+
+
 def render_notification(notification: Notification) -> EmailMultiAlternatives:
     context = {**notification.context, "site_url": settings.SITE_URL}
     base = f"email/{notification.kind}"
-    subject = render_to_string(f"{base}_subject.txt", context).strip().replace("\n", " ")
+    subject = header_text(render_to_string(f"{base}_subject.txt", context))
     text = render_to_string(f"{base}.txt", context)
     html = render_to_string(f"{base}.html", context)
     message = EmailMultiAlternatives(
-        subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}{subject}",
+        subject=header_text(f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}{subject}"),
         body=text,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[notification.recipient],
@@ -87,30 +120,85 @@ def render_notification(notification: Notification) -> EmailMultiAlternatives:
     return message
 
 
+# Errors that sending the same row again cannot cure: a bad header or address
+# (BadHeaderError is a ValueError), a missing or broken template, a context the
+# template cannot use. Anything else (SMTP, network, a provider's API) may pass.
+_PERMANENT_ERRORS = (ValueError, TypeError, LookupError, TemplateDoesNotExist, TemplateSyntaxError)
+
+
+def is_permanent_error(exc: BaseException) -> bool:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        # Every recipient refused with a 5xx: the address itself is undeliverable.
+        return bool(exc.recipients) and all(code >= 500 for code, _ in exc.recipients.values())
+    return isinstance(exc, _PERMANENT_ERRORS)
+
+
 def notification_deliver(*, notification_id: int) -> bool:
-    """Send one outbox row if nobody else has. Returns True when this call sent it."""
+    """Send one outbox row if nobody else has. Returns True when this call sent it.
+
+    A transient error is re-raised so the task retries; a permanent one marks the row
+    failed and returns False, since retrying it would only fail again.
+    """
     if not _claim(notification_id):
         return False
     notification = Notification.objects.get(pk=notification_id)
     try:
         render_notification(notification).send()
     except Exception as exc:
+        permanent = is_permanent_error(exc)
+        failed = permanent or notification.attempts >= settings.PORTAL_OUTBOX_MAX_ATTEMPTS
         Notification.objects.filter(pk=notification_id).update(
-            claimed_at=None, last_error=f"{type(exc).__name__}: {exc}"[:2000]
+            claimed_at=None,
+            last_error=f"{type(exc).__name__}: {exc}"[:2000],
+            failed_at=_now() if failed else None,
         )
-        logger.warning(
-            "delivery of notification %s failed: %s", notification_id, type(exc).__name__
-        )
+        if failed:
+            logger.error(
+                "notification %s failed for good after %s attempt(s): %s",
+                notification_id,
+                notification.attempts,
+                type(exc).__name__,
+            )
+        else:
+            logger.warning(
+                "delivery of notification %s failed: %s", notification_id, type(exc).__name__
+            )
+        if permanent:
+            return False
         raise
     Notification.objects.filter(pk=notification_id).update(sent_at=_now(), last_error="")
     return True
+
+
+def outbox_retry(*, notification_ids: Iterable[int]) -> int:
+    """Give failed rows a fresh set of attempts, once the cause is fixed; returns how many."""
+    ids = list(
+        Notification.objects.filter(
+            pk__in=list(notification_ids), sent_at__isnull=True, failed_at__isnull=False
+        ).values_list("pk", flat=True)
+    )
+    Notification.objects.filter(pk__in=ids).update(failed_at=None, attempts=0, claimed_at=None)
+    for notification_id in ids:
+        transaction.on_commit(lambda pk=notification_id: _enqueue_delivery(pk))
+    return len(ids)
+
+
+def outbox_counts() -> dict[str, int]:
+    """Rows sent, still pending (to be tried again) and failed for good."""
+    return Notification.objects.aggregate(
+        sent=Count("pk", filter=Q(sent_at__isnull=False)),
+        pending=Count("pk", filter=Q(sent_at__isnull=True, failed_at__isnull=True)),
+        failed=Count("pk", filter=Q(sent_at__isnull=True, failed_at__isnull=False)),
+    )
 
 
 def outbox_pending_ids(*, limit: int = 500) -> list[int]:
     stale = _now() - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
     return list(
         Notification.objects.filter(
-            sent_at__isnull=True, attempts__lt=settings.PORTAL_OUTBOX_MAX_ATTEMPTS
+            sent_at__isnull=True,
+            failed_at__isnull=True,
+            attempts__lt=settings.PORTAL_OUTBOX_MAX_ATTEMPTS,
         )
         .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
         .order_by("created_at")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.core import mail
 from django.core.cache import cache
+from django.test import override_settings
 from django.urls import reverse
+from django.utils import timezone
 from drf_spectacular.validation import validate_schema
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
-from rest_framework.throttling import ScopedRateThrottle
 
 from access import errors
 from access.models import Application, ApplicationEvent, Grant, LicenseAcceptance, Notification
 from access.serializers import UNKNOWN_FIELD
+from access.services import throttles
+from access.services.throttles import SUBMIT_RATE_LIMITED
 from tests.conftest import FIELDS
+from tests.tokens import api_token
 
 pytestmark = pytest.mark.django_db
 Status = Application.Status
@@ -31,8 +36,7 @@ def api():
         client = APIClient(HTTP_USER_AGENT="pytest-api/1.0")
         client.default_format = "json"
         if user is not None:
-            token, _ = Token.objects.get_or_create(user=user)
-            client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token(user)}")
         return client
 
     return make
@@ -452,13 +456,70 @@ def test_no_license_in_effect(api, alice, releases):
     assert Application.objects.get().status == Status.DRAFT
 
 
-def test_submit_is_rate_limited(api, alice, license_v1, releases, monkeypatch):
-    monkeypatch.setitem(ScopedRateThrottle.THROTTLE_RATES, "submit", "2/hour")
+def submit_fresh_draft(client):
+    """Withdraw what is open, then create and submit a new draft."""
+    for application in client.get(url("application-list")).json()["results"]:
+        if application["status"] == Status.SUBMITTED:
+            post(client, "application-withdraw", application["id"])
+    pk = create_draft(client).json()["id"]
+    return post(client, "application-submit", pk, {"accept_license": True})
+
+
+@override_settings(PORTAL_SUBMIT_RATE="2/h")
+def test_failed_submissions_do_not_use_the_allowance_and_successes_do(
+    api, alice, license_v1, releases
+):
     client = api(alice)
     pk = create_draft(client).json()["id"]
     submit = url("application-submit", pk)
-    statuses = [client.post(submit, {"accept_license": True}).status_code for _ in range(3)]
-    assert statuses == [200, 409, 429]
+    failed = [
+        client.post(submit, {}).status_code,
+        client.post(submit, {"accept_license": False}).status_code,
+        client.post(submit, {"accept_license": True, "extra": 1}).status_code,
+        client.post(url("application-submit", pk + 1000), {"accept_license": True}).status_code,
+    ]
+    assert failed == [400, 400, 400, 404]
+    assert client.post(submit, {"accept_license": True}).status_code == 200
+    # Submitting it again is a 409, and costs nothing either.
+    again = [client.post(submit, {"accept_license": True}).status_code for _ in range(3)]
+    assert again == [409, 409, 409]
+    assert submit_fresh_draft(client).status_code == 200
+
+    refused = submit_fresh_draft(client)
+    assert refused.status_code == 429
+    assert refused.json() == {"detail": SUBMIT_RATE_LIMITED, "code": "throttled"}
+    assert 3590 <= int(refused["Retry-After"]) <= 3600
+    assert Application.objects.filter(applicant=alice, status=Status.DRAFT).count() == 1
+    assert ApplicationEvent.objects.filter(actor=alice, action="submitted").count() == 2
+
+
+@override_settings(PORTAL_SUBMIT_RATE="1/h")
+def test_the_submit_allowance_is_a_sliding_window(api, alice, license_v1, releases, monkeypatch):
+    client = api(alice)
+    assert submit_fresh_draft(client).status_code == 200
+    assert submit_fresh_draft(client).status_code == 429
+    later = timezone.now() + timedelta(hours=1, seconds=1)
+    monkeypatch.setattr(throttles, "_now", lambda: later)
+    pk = Application.objects.get(applicant=alice, status=Status.DRAFT).pk
+    assert post(client, "application-submit", pk, {"accept_license": True}).status_code == 200
+
+
+@override_settings(PORTAL_SUBMIT_RATE="1/h")
+def test_the_submit_allowance_is_shared_by_the_page_and_the_api(
+    api, client, alice, license_v1, releases
+):
+    client.force_login(alice)
+    page = client.post(
+        reverse("access:apply"),
+        {
+            **FIELDS,
+            "requested_releases": [releases["llama-7b"].pk],
+            "accept_license": "on",
+            "action": "submit",
+        },
+    )
+    assert page.status_code == 302
+    assert submit_fresh_draft(api(alice)).status_code == 429
 
 
 def test_a_draft_without_a_country_serialises(api, alice, releases):

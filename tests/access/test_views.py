@@ -12,12 +12,12 @@ from django.core import mail
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from access import errors
-from access.models import Application, ApplicationEvent, LicenseAcceptance
+from access.models import ApiToken, Application, ApplicationEvent, LicenseAcceptance
 from access.services import reviews
-from access.views import NOT_UTF8, SUBMIT_RATE_LIMITED
+from access.services.throttles import SUBMIT_RATE_LIMITED
+from access.views import NOT_UTF8
 from tests.conftest import FIELDS
 from tests.factories import LicenseVersionFactory
 
@@ -362,30 +362,6 @@ def test_license_accept_follows_only_local_next_urls(alice_client, alice, licens
     assert response.url == reverse("access:application_list")
 
 
-def test_api_token_is_shown_once_and_replaced_on_request(alice_client, alice):
-    url = reverse("access:api_token")
-    page = text(alice_client.get(url))
-    assert "Create token" in page and not Token.objects.exists()
-
-    response = alice_client.post(url)
-    token = Token.objects.get(user=alice)
-    assert token.key in text(response)
-    assert "it is shown only once" in text(response)
-
-    page = text(alice_client.get(url))
-    assert token.key not in page and "Replace token" in page
-
-    response = alice_client.post(url)
-    new = Token.objects.get(user=alice)
-    assert new.key != token.key and new.key in text(response)
-
-    api = Client(HTTP_AUTHORIZATION=f"Token {new.key}")
-    assert api.get("/api/applications/").status_code == 200
-    assert (
-        Client(HTTP_AUTHORIZATION=f"Token {token.key}").get("/api/applications/").status_code == 401
-    )
-
-
 # Scoping ------------------------------------------------------------------------------------
 
 
@@ -438,8 +414,8 @@ def test_charlie_cannot_edit_alices_draft_through_apply(
         ("access:application_answer", [1], "post"),
         ("access:license_accept", [], "get"),
         ("access:license_accept", [], "post"),
-        ("access:api_token", [], "get"),
-        ("access:api_token", [], "post"),
+        ("access:api_tokens", [], "get"),
+        ("access:api_tokens", [], "post"),
     ],
 )
 def test_anonymous_users_are_sent_to_login(client, license_v1, name, args, method):
@@ -447,7 +423,7 @@ def test_anonymous_users_are_sent_to_login(client, license_v1, name, args, metho
     response = getattr(client, method)(url)
     assert response.status_code == 302
     assert response.url == f"{reverse('account_login')}?next={url}"
-    assert not Application.objects.exists() and not Token.objects.exists()
+    assert not Application.objects.exists() and not ApiToken.objects.exists()
 
 
 def test_anonymous_users_can_read_the_license(client, license_v1):
@@ -583,11 +559,11 @@ def test_csrf_is_enforced_on_answer_license_and_token(alice, reviewer, make_subm
     for url, data in (
         (reverse("access:application_answer", args=[application.pk]), {"answer": "x"}),
         (reverse("access:license_accept"), {"accept": "on"}),
-        (reverse("access:api_token"), {}),
+        (reverse("access:api_tokens"), {"name": "x", "days": "7"}),
     ):
         assert client.post(url, data).status_code == 403, url
     assert Application.objects.get(pk=application.pk).status == S.INFO_REQUESTED
-    assert not Token.objects.exists()
+    assert not ApiToken.objects.exists()
 
 
 @override_settings(PORTAL_SUBMIT_RATE="2/h")
@@ -611,11 +587,33 @@ def test_the_third_submit_within_the_hour_is_refused(alice_client, alice, licens
 
 
 @override_settings(PORTAL_SUBMIT_RATE="2/h")
-def test_the_submit_limit_is_per_user(alice_client, bob, license_v1, releases):
-    for _ in range(3):
-        alice_client.post(APPLY, form_data(releases, accept_license=None))
+def test_the_submit_limit_is_per_user(alice_client, alice, bob, license_v1, releases):
+    for _ in range(2):
+        assert alice_client.post(APPLY, form_data(releases)).status_code == 302
+        application = Application.objects.get(applicant=alice, status=S.SUBMITTED)
+        alice_client.post(reverse("access:application_withdraw", args=[application.pk]))
+    assert SUBMIT_RATE_LIMITED in text(alice_client.post(APPLY, form_data(releases)))
     bob_client = Client()
     bob_client.force_login(bob)
     response = bob_client.post(APPLY, form_data(releases, institutional_email=bob.email))
     assert response.status_code == 302
     assert Application.objects.get(applicant=bob).status == S.SUBMITTED
+
+
+@override_settings(PORTAL_SUBMIT_RATE="2/h")
+def test_submits_refused_for_errors_do_not_use_the_allowance(
+    alice_client, alice, license_v1, releases
+):
+    for overrides in ({"accept_license": None}, {"accept_license": None}, {"role": ""}):
+        response = alice_client.post(APPLY, form_data(releases, **overrides))
+        assert response.status_code == 200
+        assert SUBMIT_RATE_LIMITED not in text(response)
+    assert not Application.objects.filter(status=S.SUBMITTED).exists()
+
+    for _ in range(2):
+        assert alice_client.post(APPLY, form_data(releases)).status_code == 302
+        application = Application.objects.get(applicant=alice, status=S.SUBMITTED)
+        alice_client.post(reverse("access:application_withdraw", args=[application.pk]))
+    response = alice_client.post(APPLY, form_data(releases))
+    assert SUBMIT_RATE_LIMITED in text(response)
+    assert not Application.objects.filter(status=S.SUBMITTED).exists()

@@ -9,7 +9,6 @@ import json
 import pytest
 import yaml
 from django.test import override_settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from inference_demo.models import DemoRequest
@@ -26,6 +25,7 @@ from tests.inference_demo.test_views import (  # noqa: F401 (fixtures)
     person,
     read_events,
 )
+from tests.tokens import api_token
 
 URL = f"/api/demo/{DEMO}/generate"
 
@@ -33,8 +33,7 @@ URL = f"/api/demo/{DEMO}/generate"
 def token_client(user) -> APIClient:
     client = APIClient()
     if user is not None:
-        token, _ = Token.objects.get_or_create(user=user)
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_token(user)}")
     return client
 
 
@@ -50,7 +49,7 @@ def test_anonymous_callers_must_authenticate(fake_transport, demo_release):
     assert response.status_code == 401
     assert response["Content-Type"] == "application/json"
     assert response.json() == {"detail": "Authentication credentials were not provided."}
-    assert response["WWW-Authenticate"] == "Token"
+    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
     assert not DemoRequest.objects.exists()
 
 

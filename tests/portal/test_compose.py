@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -544,8 +544,8 @@ def test_the_migrate_one_shot_skips_bootstrap_unless_asked(stack):
     assert "No migrations to apply" in result.stdout
 
 
-def test_gunicorn_serves_health_masks_tokens_and_nginx_fronts_it(stack):
-    tmp, port = stack["tmp"], free_port()
+def gunicorn_env(stack: dict, port: int) -> dict[str, str]:
+    """The web service's environment on this machine, one small worker on `port`."""
     web_env = service_env("web")
     env = {**stack["env"], **{k: web_env[k] for k in web_env if k.startswith("GUNICORN_")}}
     env.update(
@@ -554,8 +554,12 @@ def test_gunicorn_serves_health_masks_tokens_and_nginx_fronts_it(stack):
         GUNICORN_THREADS="4",
         FORWARDED_ALLOW_IPS=web_env["FORWARDED_ALLOW_IPS"],
     )
-    token = issue_demo_link(stack["env"])
-    log = tmp / "gunicorn.log"
+    return env
+
+
+@contextlib.contextmanager
+def gunicorn_running(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """The web service's command, up once the compose health check passes on `port`."""
     with started(argv(service("web")["command"]), env, log) as gunicorn:
         # The compose health check, pointed at this port.
         health = [
@@ -563,7 +567,15 @@ def test_gunicorn_serves_health_masks_tokens_and_nginx_fronts_it(stack):
         ]
         wait_for(lambda: run(health, env).returncode == 0, "gunicorn /healthz", log)
         assert gunicorn.poll() is None
+        yield gunicorn
 
+
+def test_gunicorn_serves_health_masks_tokens_and_nginx_fronts_it(stack):
+    tmp, port = stack["tmp"], free_port()
+    env = gunicorn_env(stack, port)
+    token = issue_demo_link(stack["env"])
+    log = tmp / "gunicorn.log"
+    with gunicorn_running(env, port, log):
         host = {"Host": env["ALLOWED_HOSTS"].split(",")[0]}
         # Directly from a trusted peer: the forwarded client address is the one logged.
         status, headers, _ = get(
@@ -597,7 +609,7 @@ def test_gunicorn_serves_health_masks_tokens_and_nginx_fronts_it(stack):
 
 GRANT_SCRIPT = """
 from django.contrib.auth import get_user_model
-from access.models import LicenseAcceptance, LicenseVersion
+from access.models import Grant, LicenseAcceptance, LicenseVersion
 from access.services.applications import application_save_draft, application_submit
 from access.services.reviews import application_approve
 from weights.models import Release
@@ -606,40 +618,41 @@ from weights.services.links import link_issue
 users = get_user_model().objects
 researcher, reviewer = users.get(username="researcher"), users.get(username="reviewer")
 release = Release.objects.get(slug="llama-demo")
-fields = {
-    "full_name": "Rae Researcher", "institutional_email": researcher.email,
-    "affiliation": "University of Example", "organisation_type": "academic", "country": "GB",
-    "role": "Postdoctoral researcher",
-    "intended_use": "Checking that the services stack serves weights through nginx.",
-}
-draft = application_save_draft(applicant=researcher, fields=fields, releases=[release])
-acceptance = LicenseAcceptance.objects.create(
-    user=researcher, license_version=LicenseVersion.objects.get(version="1"), ip_address="127.0.0.1"
-)
-application = application_submit(
-    application=draft, applicant=researcher, license_acceptance=acceptance
-)
-[grant] = application_approve(application=application, reviewer=reviewer, releases=[release])
+grant = Grant.objects.filter(user=researcher, release=release, revoked_at__isnull=True).first()
+if grant is None:
+    fields = {
+        "full_name": "Rae Researcher", "institutional_email": researcher.email,
+        "affiliation": "University of Example", "organisation_type": "academic",
+        "country": "GB", "role": "Postdoctoral researcher",
+        "intended_use": "Checking that the services stack serves weights through nginx.",
+    }
+    draft = application_save_draft(applicant=researcher, fields=fields, releases=[release])
+    acceptance = LicenseAcceptance.objects.create(
+        user=researcher, license_version=LicenseVersion.objects.get(version="1"),
+        ip_address="127.0.0.1",
+    )
+    application = application_submit(
+        application=draft, applicant=researcher, license_acceptance=acceptance
+    )
+    [grant] = application_approve(application=application, reviewer=reviewer, releases=[release])
 print("TOKEN=" + link_issue(grant=grant).token)
 """
 
 
 def issue_demo_link(env: dict[str, str]) -> str:
-    """A researcher approved for the bootstrapped demo release, and a fresh link."""
+    """A researcher approved for the bootstrapped demo release (once), and a fresh link."""
     mail = {"EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend"}
     result = run(["python", "manage.py", "shell", "-c", GRANT_SCRIPT], {**env, **mail})
     assert result.returncode == 0, result.stdout + result.stderr
     return re.search(r"^TOKEN=(\S+)$", result.stdout, re.M)[1]
 
 
-def run_nginx_in_front(
-    nginx: str, upstream_port: int, tmp: Path, host: dict, token: str
-) -> list[str]:
+@contextlib.contextmanager
+def nginx_running(nginx: str, upstream_port: int, tmp: Path, weights: Path) -> Iterator[int]:
     """deploy/nginx/default.conf, with only addresses and host paths changed, in front of
-    the gunicorn above: health, static, proxy headers, X-Accel-Redirect downloads with
-    Range, the internal location, masked logs."""
+    the gunicorn on `upstream_port`; its logs go under `tmp`. Yields nginx's port."""
     port = free_port()
-    static, weights = tmp / "static", tmp / "weights"
+    static = tmp / "static"
     (static / "portal").mkdir(parents=True, exist_ok=True)
     (static / "portal" / "probe.css").write_text("body{}")
     conf = NGINX_CONF
@@ -671,6 +684,16 @@ def run_nginx_in_front(
     log = tmp / "nginx.log"
     with started([*command, "-g", "daemon off;"], {}, log):
         wait_for(lambda: _answers(port, "/nginx-health"), "nginx", log, timeout=10)
+        yield port
+
+
+def run_nginx_in_front(
+    nginx: str, upstream_port: int, tmp: Path, host: dict, token: str
+) -> list[str]:
+    """nginx in front of the gunicorn above: health, static, proxy headers,
+    X-Accel-Redirect downloads with Range, the internal location, masked logs."""
+    weights = tmp / "weights"
+    with nginx_running(nginx, upstream_port, tmp, weights) as port:
         assert get(port, "/static/portal/probe.css", host)[0] == 200
         # Proxied with the client's scheme: plain HTTP is redirected, an outer TLS
         # terminator's X-Forwarded-Proto: https is believed.
@@ -706,7 +729,7 @@ def run_nginx_in_front(
     access = (tmp / "nginx-access.log").read_text()
     assert '"uri":"/d/<token>/params.json"' in access
     assert '"referer":"https://x/d/<token>/"' in access
-    errors = (tmp / "nginx-error.log").read_text() + log.read_text()
+    errors = (tmp / "nginx-error.log").read_text() + (tmp / "nginx.log").read_text()
     assert TOKEN not in access + errors and token not in access + errors
     gunicorn_log = (tmp / "gunicorn.log").read_text()
     assert re.search(r'^127\.0\.0\.1 "GET /d/<token>/params\.json', gunicorn_log, re.M)
@@ -718,6 +741,76 @@ def _answers(port: int, path: str) -> bool:
         return get(port, path, {})[0] == 200
     except OSError:
         return False
+
+
+def link_spellings(token: str) -> list[tuple[str, int]]:
+    """Spellings of one link's URLs and what the portal answers each. gunicorn decodes the
+    path once (%2f included) into PATH_INFO and Django resolves that without touching dot
+    segments, so the first six reach the link; nginx passes the spelling on as it came."""
+    encoded = "".join(f"%{ord(c):02X}" for c in token)
+    return [
+        (f"/%64/{token}/", 200),
+        (f"/d%2f{token}/", 200),
+        (f"/d%2F{token}/manifest.json", 200),
+        (f"/d/{encoded}/", 200),
+        (f"/d/{token}%2fdownload.sh", 200),
+        (f"/d/{token}/", 200),
+        (f"/d/x/../{token}/", 404),
+        (f"/d/x/%2e%2e/{token}/", 404),
+        (f"/d/x/../../{token}", 404),
+        (f"//d/{token}/", 404),
+        (f"/%2564/{token}/", 404),
+        (f"/accounts/login/?next=%2Fd%2F{token}%2F", 200),
+    ]
+
+
+def assert_token_absent(text: str, token: str) -> None:
+    """Neither the token nor a prefix of it, raw or percent-encoded (once or twice)."""
+    for _ in range(3):
+        assert token not in text and token[:12] not in text
+        text = unquote(text)
+
+
+def test_no_spelling_of_a_link_reaches_the_gunicorn_or_nginx_logs(stack):
+    tmp, port = stack["tmp"] / "spellings", free_port()
+    tmp.mkdir()
+    env = gunicorn_env(stack, port)
+    token = issue_demo_link(stack["env"])
+    host = {"Host": env["ALLOWED_HOSTS"].split(",")[0], "X-Forwarded-Proto": "https"}
+    headers = {**host, "Referer": f"https://portal.example/%64/{token}/"}
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    log = tmp / "gunicorn.log"
+    with gunicorn_running(env, port, log):
+        answered = [(path, get(port, path, headers)[0]) for path, _ in link_spellings(token)]
+        assert answered == link_spellings(token)
+        if nginx:
+            with nginx_running(nginx, port, tmp, stack["tmp"] / "weights") as front:
+                proxied = [(p, get(front, p, headers)[0]) for p, _ in link_spellings(token)]
+            assert proxied == link_spellings(token)
+
+    gunicorn_log = log.read_text()
+    assert_token_absent(gunicorn_log, token)
+    # Logged as routed: decoded, then masked.
+    assert gunicorn_log.count('"GET /d/<token>/') >= 6, gunicorn_log
+    assert '"GET /accounts/login/?next=/d/<token>/ HTTP/1.1" 200' in gunicorn_log
+    assert '"https://portal.example/d/<token>/"' in gunicorn_log
+    if not nginx:
+        skip_unless_required(
+            "nginx is not installed (apt-get install nginx-light): conf not exercised"
+        )
+    access = (tmp / "nginx-access.log").read_text()
+    assert_token_absent(access + (tmp / "nginx-error.log").read_text(), token)
+    assert_token_absent((tmp / "nginx.log").read_text(), token)
+    uris = [json.loads(line)["uri"] for line in access.splitlines()]
+    assert uris[:6] == [
+        "/d/<token>/",
+        "/d/<token>/",
+        "/d/<token>/manifest.json",
+        "/d/<token>/",
+        "/d/<token>/download.sh",
+        "/d/<token>/",
+    ]
+    assert uris[-1] == "/accounts/login/?<masked>"
 
 
 def test_healthcheck_script_fresh_mode(tmp_path):

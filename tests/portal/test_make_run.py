@@ -37,6 +37,10 @@ def test_embedded_mode_migrates_bootstraps_and_serves(tmp_path):
         return result.stdout
 
     run("migrate", "--noinput")
+    # Rate-limit counters live in the cache, which every process must share (the workers).
+    cache = "from django.core.cache import cache; "
+    run("shell", "-c", cache + "cache.set('seen-by-all', 'yes')")
+    assert run("shell", "-c", cache + "print(cache.get('seen-by-all'))").split()[-1] == "yes"
     printed = run("bootstrap_demo")
     assert "researcher@uni.example.edu" in printed and "password:" in printed
     assert "Published llama-demo" in printed

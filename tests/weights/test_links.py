@@ -253,3 +253,19 @@ def test_a_link_closed_by_the_expiry_sweep_still_reads_as_expired(approved):
     DownloadLink.objects.update(expires_at=past, revoked_at=past, revoke_reason=EXPIRED_REASON)
     with pytest.raises(links.LinkExpired):
         links.link_resolve(token)
+
+
+def test_a_release_name_with_line_breaks_still_gets_its_link_mailed(
+    alice, reviewer, make_submitted, releases, django_capture_on_commit_callbacks
+):
+    releases["llama-7b"].name = "LLaMA\r\n7B\u202e"
+    releases["llama-7b"].save()
+    application = make_submitted(alice, slugs=("llama-7b",))
+    with django_capture_on_commit_callbacks(execute=True):
+        reviews.application_approve(
+            application=application, reviewer=reviewer, releases=[releases["llama-7b"]]
+        )
+    (message,) = _link_mails()
+    assert message.subject == "[LLaMA access] Your download link for LLaMA 7B"
+    assert message.message()["Subject"] == message.subject  # BadHeaderError before
+    assert DownloadLink.objects.get().emailed_at is not None

@@ -363,6 +363,60 @@ def test_budget_is_checked_against_the_requested_range(client, token, link):
     assert charged() == 2 * MIB
 
 
+# --- revocation while a file streams -----------------------------------------------------
+
+
+def _revoke_link(*, link, grant, reviewer) -> None:
+    links.link_revoke(link=link, actor=reviewer, reason="Posted on a forum.")
+
+
+def _revoke_grant(*, link, grant, reviewer) -> None:
+    reviews.grant_revoke(grant=grant, reviewer=reviewer, reason="Terms breached.")
+
+
+def _supersede_license(*, link, grant, reviewer) -> None:
+    license_publish(name="LLaMA license", version="2", text="Version 2 of the license.")
+
+
+@pytest.mark.parametrize(
+    ("stop", "outcome"),
+    [(_revoke_link, "revoked"), (_revoke_grant, "revoked"), (_supersede_license, "license")],
+)
+def test_revocation_stops_a_running_stream_within_the_byte_threshold(
+    client, token, link, grant, reviewer, monkeypatch, stop, outcome
+):
+    monkeypatch.setattr(serving, "RECHECK_BYTES", 2 * CHUNK, raising=False)
+    monkeypatch.setattr(serving, "RECHECK_SECONDS", 3600.0, raising=False)
+    response = get(client, file_url(token))
+    chunks = iter(response.streaming_content)
+    received = len(next(chunks))
+    stop(link=link, grant=grant, reviewer=reviewer)
+    received += sum(len(chunk) for chunk in chunks)
+    assert received == 2 * CHUNK  # the chunk after the revocation, then the re-check stopped it
+    assert charged() == 2 * CHUNK  # the other 14 chunks were refunded
+    event = DownloadEvent.objects.get()
+    assert (event.outcome, event.bytes, event.status_code) == (outcome, 2 * CHUNK, 200)
+
+
+def test_revocation_stops_a_running_stream_after_a_few_seconds(
+    client, token, link, reviewer, monkeypatch
+):
+    clock = [1000.0]
+    monkeypatch.setattr(serving, "_monotonic", lambda: clock[0], raising=False)
+    monkeypatch.setattr(serving, "RECHECK_BYTES", 100 * MIB, raising=False)
+    response = get(client, file_url(token), HTTP_RANGE="bytes=100-")
+    chunks = iter(response.streaming_content)
+    received = len(next(chunks))
+    links.link_revoke(link=link, actor=reviewer, reason="Posted on a forum.")
+    received += len(next(chunks))  # no time has passed: no re-check yet
+    clock[0] += 5.0  # RECHECK_SECONDS
+    received += sum(len(chunk) for chunk in chunks)
+    assert received == 2 * CHUNK
+    assert charged() == 2 * CHUNK
+    event = DownloadEvent.objects.get()
+    assert (event.outcome, event.bytes, event.status_code) == ("revoked", 2 * CHUNK, 206)
+
+
 # --- landing page, manifest, download.sh -------------------------------------------------
 
 
@@ -424,7 +478,7 @@ def test_download_script_is_posix_and_uses_the_star_idiom(client, token):
     assert f"PRESIGNED_URL='http://testserver/d/{token}/*'" in script
     assert "wget --continue" in script and "curl" in script and "-C -" in script
     assert "md5sum -c" in script and "sha256sum -c" in script
-    assert f"{artifact().sha256}  {SHARD}" in script
+    assert f"{artifact().sha256}  ./{SHARD}" in script
     assert "&quot;" not in script and "&#x27;" not in script  # no HTML escaping in a script
     for shell in ("sh", "dash", "bash"):
         if shutil.which(shell):
@@ -447,6 +501,9 @@ def _tool_dir(tmp_path: Path, without: str) -> Path:
         "cat",
         "md5sum",
         "sha256sum",
+        "wc",
+        "rm",
+        "sed",
     ):
         found = shutil.which(tool)
         if tool != without and found:

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from access.models import Grant
 from access.policies import LICENSE_NOT_ACCEPTED, can_use_release
+from access.services.notifications import header_text
 from weights import tokens
 from weights.models import Artifact, DownloadLink, LinkUsage
 
@@ -132,8 +133,10 @@ def link_email(grant: Grant, issued: IssuedLink) -> EmailMultiAlternatives:
         "site_url": settings.SITE_URL,
     }
     message = EmailMultiAlternatives(
-        subject=settings.ACCOUNT_EMAIL_SUBJECT_PREFIX
-        + render_to_string("email/download_link_subject.txt", context).strip(),
+        subject=header_text(
+            settings.ACCOUNT_EMAIL_SUBJECT_PREFIX
+            + render_to_string("email/download_link_subject.txt", context)
+        ),
         body=render_to_string("email/download_link.txt", context),
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[grant.user.email],
@@ -178,14 +181,36 @@ def link_resolve(token: str) -> DownloadLink:
         )
     except DownloadLink.DoesNotExist:
         raise LinkInvalid(INVALID) from None
+    _check(link, in_flight=False)
+    return link
+
+
+def link_recheck(*, link_id: int) -> LinkRefused | None:
+    """Why a transfer already under way on this link must stop now, or None to go on.
+
+    The rules of link_resolve, read afresh from the database, except expiry: a transfer
+    authorised before the link expired may finish, as a presigned URL's would."""
+    try:
+        link = DownloadLink.objects.select_related("grant__release", "grant__user").get(pk=link_id)
+    except DownloadLink.DoesNotExist:
+        return LinkInvalid(INVALID)
+    try:
+        _check(link, in_flight=True)
+    except LinkRefused as error:
+        return error
+    return None
+
+
+def _check(link: DownloadLink, *, in_flight: bool) -> None:
     grant = link.grant
     if grant.revoked_at is not None:
         raise LinkRevoked(GRANT_REVOKED.format(release=grant.release), link=link)
+    expired = link.is_expired(_now())
     # A link closed by the expiry sweep still reads as expired, not as revoked by a person.
-    expired_and_closed = link.revoke_reason == EXPIRED_REASON and link.is_expired(_now())
+    expired_and_closed = link.revoke_reason == EXPIRED_REASON and expired
     if link.revoked_at is not None and not expired_and_closed:
         raise LinkRevoked(REVOKED, link=link, action_url=reverse("weights:my_downloads"))
-    if link.is_expired(_now()):
+    if expired and not in_flight:
         when = timezone.localtime(link.expires_at).strftime("%d %b %Y %H:%M %Z")
         raise LinkExpired(
             EXPIRED.format(when=when), link=link, action_url=reverse("weights:my_downloads")
@@ -194,7 +219,6 @@ def link_resolve(token: str) -> DownloadLink:
     if not decision.allowed:
         kind = LicenseRequired if decision.reason == LICENSE_NOT_ACCEPTED else LinkRevoked
         raise kind(decision.message, link=link, action_url=decision.action_url)
-    return link
 
 
 def budget_limit(link: DownloadLink, artifact: Artifact) -> int:

@@ -1,13 +1,15 @@
 """Export review decisions or download events as CSV, streamed row by row.
 
-Cells that a spreadsheet would run as a formula (starting with = + - @ or a control
-character) are prefixed with an apostrophe: names, reasons and user agents come from
-outside.
+Cells that a spreadsheet could run as a formula are prefixed with an apostrophe: names,
+reasons and user agents come from outside. That is any text starting with a control or
+format character, or whose first visible character is = + - @ or a look-alike that
+spreadsheets fold to one (fullwidth ＝＋－＠, small ﹦﹢﹣, the minus sign −).
 """
 
 from __future__ import annotations
 
 import csv
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from typing import IO
@@ -48,7 +50,7 @@ DOWNLOAD_COLUMNS = [
     "status_code",
     "outcome",
 ]
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_TRIGGERS = frozenset("=+-@\u2212")
 
 
 def parse_since(value: str) -> datetime:
@@ -64,8 +66,18 @@ def parse_since(value: str) -> datetime:
     return moment
 
 
+def is_formula_risk(value: str) -> bool:
+    """Whether a spreadsheet might read the text as a formula (or hide how it starts)."""
+    for char in value:
+        if unicodedata.category(char)[0] == "C":  # tab, CR, \x0b, bidi and zero-width marks
+            return True
+        if not char.isspace():
+            return unicodedata.normalize("NFKC", char)[:1] in _FORMULA_TRIGGERS
+    return False
+
+
 def _cell(value: object) -> object:
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
+    if isinstance(value, str) and is_formula_risk(value):
         return "'" + value
     return value
 

@@ -1,4 +1,4 @@
-"""Figures an operator reports on: applications, time to decision, downloads, demo use."""
+"""Figures an operator reports on: applications, time to decision, downloads, demo use, mail."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from django.db.models import Count, Min, Q, Sum
 from django.template.defaultfilters import filesizeformat
 
 from access.models import Application, ApplicationEvent
+from access.services.notifications import outbox_counts
 from inference_demo.models import DemoRequest
 from weights.models import DownloadEvent, Release
 
@@ -89,11 +90,15 @@ def portal_stats() -> dict[str, Any]:
         "applications": application_stats(),
         "downloads": download_stats(),
         "demo": demo_stats(),
+        "notifications": outbox_counts(),
     }
 
 
 class Command(BaseCommand):
-    help = "Applications by status, median time to decision, downloads per release, demo use."
+    help = (
+        "Applications by status, median time to decision, downloads per release, demo use, "
+        "notifications sent, pending and failed."
+    )
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -126,3 +131,9 @@ class Command(BaseCommand):
         )
         for status, n in demo["by_status"].items():
             self.stdout.write(f"  {status:<16}{n:>8}")
+        mail = stats["notifications"]
+        self.stdout.write(
+            f"Notifications: {mail['sent']} sent, {mail['pending']} pending, "
+            f"{mail['failed']} failed"
+            + (" (see the admin's notification list, delivery: Failed)" if mail["failed"] else "")
+        )
