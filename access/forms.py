@@ -4,7 +4,8 @@ from django import forms
 
 from access.models import Application
 from access.services.applications import EDITABLE_FIELDS
-from access.validators import ANSWER_TEXT, NoInvisibleCharacters
+from access.tokens import TOKEN_NAME
+from access.validators import ANSWER_TEXT
 from weights.models import Release
 
 
@@ -65,7 +66,7 @@ class ApiTokenForm(forms.Form):
     name = forms.CharField(
         max_length=100,
         help_text="What will use it, e.g. “lab cluster” or “CI script”.",
-        validators=[NoInvisibleCharacters("The token name")],
+        validators=[TOKEN_NAME],
     )
     days = forms.TypedChoiceField(coerce=int, label="Expires after")
 

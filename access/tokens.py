@@ -14,11 +14,13 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from access import errors
 from access.models import ApiToken
+from access.validators import NoInvisibleCharacters
 
 NAME_REQUIRED = "Give the token a name, e.g. the machine or script that will use it."
 NAME_TOO_LONG = "A token name has at most 100 characters."
@@ -29,6 +31,7 @@ STAFF_NEEDS_SECOND_FACTOR = (
     "your authenticator code. Set up two-factor authentication, sign out and sign in again."
 )
 NO_SUCH_TOKEN = "No such token."
+TOKEN_NAME = NoInvisibleCharacters("Token name")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ def token_create(
         raise errors.InvalidInput(NAME_REQUIRED, code="name_required")
     if len(name) > 100:
         raise errors.InvalidInput(NAME_TOO_LONG, code="name_too_long")
+    try:
+        TOKEN_NAME(name)
+    except ValidationError as exc:
+        raise errors.InvalidInput(exc.messages[0], code="invisible_character") from None
     if user.is_staff and settings.PORTAL_ADMIN_REQUIRE_2FA and not second_factor:
         raise errors.NotAllowed(STAFF_NEEDS_SECOND_FACTOR, code="second_factor_required")
     limit_days = max_lifetime_days(user)

@@ -276,6 +276,8 @@ def test_token_names_are_required_and_single_line(alice):
         token_create(user=alice, name="   ", second_factor=False)
     with pytest.raises(errors.InvalidInput):
         token_create(user=alice, name="x", days=365, second_factor=False)
+    with pytest.raises(errors.InvalidInput, match="U\\+202E"):
+        token_create(user=alice, name="ci\u202etpircs", second_factor=False)
     assert not ApiToken.objects.exists()
 
 

@@ -14,19 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
 from django.conf import settings
-from django.db import connection
 from django.test import override_settings
 from django.utils.crypto import get_random_string
 
@@ -36,8 +32,8 @@ from tests.inference_demo.test_runner import make_request
 from tests.inference_demo.test_transport import inprocess  # noqa: F401 (fixture)
 from tests.inference_demo.test_views import DEMO, demo_release, grantee  # noqa: F401 (fixtures)
 from tests.inference_demo.test_worker import demo_worker, services_mode  # noqa: F401 (fixtures)
+from tests.servers import free_port, started, test_database_url, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 1000  # about ten seconds on a CPU: long enough to see a Stop cut it short
 LONG = {
     "prompt": "The for statement",
@@ -123,23 +119,6 @@ def test_the_stop_button_answers_when_redis_is_down(client, grantee, demo_releas
 # --- two web processes -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _database_url() -> str:
-    """The test database, as DATABASE_URL for a subprocess (SQLite file or PostgreSQL)."""
-    db = connection.settings_dict
-    if db["ENGINE"] == "django.db.backends.sqlite3":
-        return f"sqlite:///{db['NAME']}"
-    auth = quote(db["USER"] or "", safe="")
-    if db["PASSWORD"]:
-        auth += ":" + quote(db["PASSWORD"], safe="")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 def _own_redis_db(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
@@ -154,7 +133,7 @@ def _process_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         DJANGO_SETTINGS_MODULE="portal.settings",
         DEBUG="1",
         SECRET_KEY=settings.SECRET_KEY,  # the session cookie made here must hold there
-        DATABASE_URL=_database_url(),
+        DATABASE_URL=test_database_url(),
         PORTAL_VAR_DIR=str(tmp_path / "var"),
         DEMO_MAX_NEW_TOKENS=str(MAX_NEW_TOKENS),
         DEMO_DEVICE="cpu",
@@ -166,43 +145,20 @@ def _process_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _started(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _wait_for(check, what: str, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException):
-            if check():
-                return
-        time.sleep(0.3)
-    pytest.fail(f"{what} did not come up in {timeout:.0f} s\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
 def _web(name: str, env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """One gunicorn process (one worker) as deployed, on a port of its own."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / f"{name}.log"
     env = {**env, "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_WORKERS": "1"}
     args = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"]
     base = f"http://127.0.0.1:{port}"
-    with _started(args, env, log):
-        _wait_for(lambda: requests.get(f"{base}/healthz", timeout=2).ok, f"web {name}", log)
+    with started(args, env=env, log=log):
+        wait_for(
+            lambda: requests.get(f"{base}/healthz", timeout=2).ok,
+            f"web {name}",
+            log=log,
+            timeout=60,
+        )
         yield base
 
 
@@ -291,8 +247,13 @@ def test_stop_through_another_web_process_reaches_the_redis_worker(
     browser = _browser(grantee)
     log = tmp_path / "worker.log"
     try:
-        with _started(worker, env, log):
-            _wait_for(lambda: client.exists(transport.worker_key(name)), "demo worker", log)
+        with started(worker, env=env, log=log):
+            wait_for(
+                lambda: client.exists(transport.worker_key(name)),
+                "demo worker",
+                log=log,
+                timeout=60,
+            )
             with _web("a", env, tmp_path) as a, _web("b", env, tmp_path) as b:
                 stream = browser.post(
                     f"{a}/demo/{DEMO}/generate/", data=LONG, stream=True, timeout=60

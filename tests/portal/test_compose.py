@@ -19,10 +19,8 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +32,13 @@ from django.conf import settings
 from django.urls import reverse
 
 from tests.conftest import skip_unless_required
+from tests.servers import free_port, process_env, started, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict] = COMPOSE["services"]
 NGINX_CONF = (ROOT / "deploy" / "nginx" / "default.conf").read_text()
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-BIN = Path(sys.executable).parent
 
 ONE_SHOT = {"minio-bucket", "migrate"}
 APP_SERVICES = {"migrate", "web", "worker", "beat", "demo-worker-gpu", "demo-worker-cpu"}
@@ -437,18 +435,6 @@ def test_readme_documents_the_stack():
 # --- the commands, run ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_env(env: dict[str, str]) -> dict[str, str]:
-    """Only the compose environment (no pytest settings module) with the venv on PATH."""
-    base = {key: os.environ[key] for key in ("HOME", "LANG", "TMPDIR") if key in os.environ}
-    return {**base, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", **env}
-
-
 def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         args,
@@ -459,39 +445,6 @@ def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess
         timeout=timeout,
         check=False,
     )
-
-
-@contextlib.contextmanager
-def started(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=process_env(env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def wait_for(check, what: str, log: Path | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    pytest.fail(f"{what} did not come up in {timeout:.0f}s\n{tail}")
 
 
 def get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -560,12 +513,12 @@ def gunicorn_env(stack: dict, port: int) -> dict[str, str]:
 @contextlib.contextmanager
 def gunicorn_running(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen]:
     """The web service's command, up once the compose health check passes on `port`."""
-    with started(argv(service("web")["command"]), env, log) as gunicorn:
+    with started(argv(service("web")["command"]), env=process_env(env), log=log) as gunicorn:
         # The compose health check, pointed at this port.
         health = [
             arg.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in healthcheck_argv("web")
         ]
-        wait_for(lambda: run(health, env).returncode == 0, "gunicorn /healthz", log)
+        wait_for(lambda: run(health, env).returncode == 0, "gunicorn /healthz", log=log)
         assert gunicorn.poll() is None
         yield gunicorn
 
@@ -682,8 +635,8 @@ def nginx_running(nginx: str, upstream_port: int, tmp: Path, weights: Path) -> I
     tested = subprocess.run([*command, "-t"], capture_output=True, text=True, check=False)
     assert tested.returncode == 0, tested.stderr
     log = tmp / "nginx.log"
-    with started([*command, "-g", "daemon off;"], {}, log):
-        wait_for(lambda: _answers(port, "/nginx-health"), "nginx", log, timeout=10)
+    with started([*command, "-g", "daemon off;"], env=process_env({}), log=log):
+        wait_for(lambda: _answers(port, "/nginx-health"), "nginx", log=log, timeout=10)
         yield port
 
 
@@ -872,14 +825,18 @@ def test_celery_services_start_and_pass_their_health_checks(stack, redis_url, tm
         for name in names:
             demo_env = {**env, **{"DEMO_DEVICE": service_env(name).get("DEMO_DEVICE", "auto")}}
             processes.enter_context(
-                started(argv(service(name)["command"]), demo_env, tmp_path / f"{name}.log")
+                started(
+                    argv(service(name)["command"]),
+                    env=process_env(demo_env),
+                    log=tmp_path / f"{name}.log",
+                )
             )
-        processes.enter_context(started(beat_args, env, tmp_path / "beat.log"))
+        processes.enter_context(started(beat_args, env=process_env(env), log=tmp_path / "beat.log"))
         for name in names:
             log = tmp_path / f"{name}.log"
             # A ping before the worker is up waits out its whole timeout: wait for "ready".
-            wait_for(lambda log=log: " ready." in log.read_text(), name, log, timeout=60)
+            wait_for(lambda log=log: " ready." in log.read_text(), name, log=log, timeout=60)
             check = run(healthcheck_argv(name), env, timeout=30)
             assert check.returncode == 0, f"{name}: {check.stdout}{check.stderr}"
             assert "pong" in check.stdout
-        wait_for(lambda: run(beat_check, env).returncode == 0, "beat", tmp_path / "beat.log")
+        wait_for(lambda: run(beat_check, env).returncode == 0, "beat", log=tmp_path / "beat.log")

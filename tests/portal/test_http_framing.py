@@ -10,20 +10,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from access.services.reviews import application_approve
+from tests.servers import free_port, started, test_database_url, wait_for
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact
 from weights.services.links import link_issue
@@ -32,26 +28,8 @@ from weights.storage import reset_storage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parents[2]
 SHARD = "7B/consolidated.00.pth"
 BAD_TOKEN = "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def database_url() -> str:
-    """The test database, as DATABASE_URL for the server (SQLite file or PostgreSQL)."""
-    db = connection.settings_dict
-    if db["ENGINE"] == "django.db.backends.sqlite3":
-        return f"sqlite:///{db['NAME']}"
-    auth = quote(db["USER"] or "", safe="")
-    if db["PASSWORD"]:
-        auth += ":" + quote(db["PASSWORD"], safe="")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 @pytest.fixture
@@ -76,7 +54,7 @@ def web(tmp_path, store) -> Iterator[int]:
         SECRET_KEY=settings.SECRET_KEY + "-" + "x" * 50,
         ALLOWED_HOSTS="127.0.0.1",
         SECURE_SSL_REDIRECT="0",
-        DATABASE_URL=database_url(),
+        DATABASE_URL=test_database_url(),
         DATABASE_CONN_MAX_AGE="0",
         REDIS_URL="",
         PORTAL_VAR_DIR=str(tmp_path / "var"),
@@ -89,30 +67,10 @@ def web(tmp_path, store) -> Iterator[int]:
         PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "gunicorn.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not come up\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    args = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"]
+    with started(args, env=env, log=log) as process:
+        wait_for(lambda: _answers(port), "gunicorn", log=log, timeout=60, process=process)
         yield port
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def _answers(port: int) -> bool:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import ROOT, free_port, started, wait_for
 
 
 def test_embedded_mode_migrates_bootstraps_and_serves(tmp_path):
@@ -46,28 +37,15 @@ def test_embedded_mode_migrates_bootstraps_and_serves(tmp_path):
     assert "Published llama-demo" in printed
     assert "Published" not in run("bootstrap_demo")  # running it twice is safe
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [*manage, "runserver", "--noreload", f"127.0.0.1:{port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/releases/", timeout=5
-                ) as page:
-                    body = page.read().decode()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "runserver did not answer within 60 s"
-                time.sleep(0.5)
+    port = free_port()
+
+    def releases_page() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/releases/", timeout=5) as page:
+            return page.read().decode()
+
+    log = tmp_path / "runserver.log"
+    with started([*manage, "runserver", "--noreload", f"127.0.0.1:{port}"], env=env, log=log):
+        wait_for(releases_page, "runserver", log=log, timeout=60)
+        body = releases_page()
         assert "LLaMA 65B" in body and "LLaMA demo" in body
         assert (tmp_path / "var" / "db.sqlite3").exists()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

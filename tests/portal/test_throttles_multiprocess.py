@@ -14,11 +14,7 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -28,10 +24,9 @@ import pytest
 
 from access.services.throttles import SUBMIT_RATE_LIMITED
 from tests.conftest import FIELDS, require_service
+from tests.servers import BIN, ROOT, free_port, process_env, started, wait_for
 from weights.views import FRESH_LINK_LIMITED
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 CSRF = secrets.token_hex(16)  # any 32 characters do as the cookie, if the form sends them too
 PASSWORD = "correct horse battery staple"
 SUBMIT_RATE, FRESH_LINK_RATE = 3, 2
@@ -82,12 +77,6 @@ print(json.dumps({{
     "grant": Grant.objects.get(user=downloader).pk,
 }}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def manage(*args: str, env: dict[str, str]) -> str:
@@ -154,9 +143,8 @@ def portal(request, tmp_path_factory) -> Iterator[dict]:
         redis_url = os.environ.get("REDIS_URL", "")
         require_service("redis", redis_url)
     port = free_port()
-    env = {key: os.environ[key] for key in ("HOME", "LANG", "TMPDIR") if key in os.environ}
+    env = process_env({})
     env.update(
-        PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         DJANGO_SETTINGS_MODULE="portal.settings",
         DEBUG="0",
         SECRET_KEY=secrets.token_urlsafe(50),
@@ -185,27 +173,21 @@ def portal(request, tmp_path_factory) -> Iterator[dict]:
         "--access-logformat",
         'pid=%(p)s "%(r)s" %(s)s',
     ]
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+
+    def all_workers_answered() -> bool:
+        # Back to back while they answer, so that new connections reach the idle workers.
+        for _ in range(20):
+            if len(workers_that_served(log, "GET", "/healthz")) >= 3:
+                return True
+            if not _healthy(port):
+                return False
+        return False
+
+    with started(command, env=env, log=log) as server:
         # Up once each of the 3 workers has answered a new connection: from then on they
         # share the requests, as they share the attacker's in production.
-        deadline = time.monotonic() + 90
-        while len(workers_that_served(log, "GET", "/healthz")) < 3:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "3 gunicorn workers did not answer in 90 s"
-            if not _healthy(port):
-                time.sleep(0.3)
+        wait_for(all_workers_answered, "3 gunicorn workers", log=log, timeout=90, process=server)
         yield {"port": port, **setup}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def _healthy(port: int) -> bool:

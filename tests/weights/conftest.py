@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import skip_unless_required
+from tests.servers import free_port
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.storage import get_storage, reset_storage
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tools
+from tests.servers import free_port
 from weights import download
 from weights.download import Options, main
 
@@ -354,10 +355,7 @@ def test_retries_run_out(portal, tmp_path, capsys):
 
 
 def test_an_unreachable_portal(tmp_path, capsys):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/d/{TOKEN}/"
+    url = f"http://127.0.0.1:{free_port()}/d/{TOKEN}/"  # a port nobody listens on
 
     assert run_cli(url, tmp_path, "--retries", "1") == download.EXIT_UNREACHABLE
     err = capsys.readouterr().err

@@ -825,7 +825,7 @@ def test_s3_budget_spent_is_429_without_a_redirect(client, s3_token):
 
 def test_s3_down_refuses_with_503_and_charges_nothing(client, s3_token, settings):
     """Found by make prove: presigning is local, so the portal must ask storage first."""
-    from tests.weights.conftest import free_port
+    from tests.servers import free_port
 
     token, _ = s3_token
     settings.WEIGHTS_S3_ENDPOINT_URL = f"http://127.0.0.1:{free_port()}"  # the bucket went away
