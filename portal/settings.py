@@ -258,7 +258,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
-        "review": "600/hour",
+        "review": envstr("PORTAL_REVIEW_API_RATE", "600/hour"),
     },
     "EXCEPTION_HANDLER": "portal.api_errors.exception_handler",
 }
