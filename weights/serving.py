@@ -37,6 +37,7 @@ from django.utils.http import content_disposition_header
 from portal.http import client_ip, user_agent
 from weights.checksums import CHECKLIST_NAMES
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
+from weights.paths import artifact_path_ok
 from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
 from weights.refusals import (
     Refusal,
@@ -193,17 +194,6 @@ def _one_line(text: str) -> str:
 
 
 # --- files -------------------------------------------------------------------------------
-
-
-def artifact_path_ok(path: str) -> bool:
-    """A release-relative path: no `..` or `.` segments, not absolute, no backslash, NUL or
-    control characters, no empty segments. Checked before any lookup, so storage is never
-    asked for anything a release could not contain."""
-    if not path or path.startswith("/") or "\\" in path:
-        return False
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
-        return False
-    return all(segment not in ("", ".", "..") for segment in path.split("/"))
 
 
 def _artifact_for(link: DownloadLink, path: str) -> Artifact | None:

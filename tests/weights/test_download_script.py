@@ -20,9 +20,9 @@ from access.services import reviews
 from tests.conftest import require_tools
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact, DownloadEvent, LinkUsage, Release
+from weights.paths import artifact_path_ok
 from weights.services import links
 from weights.services.publishing import list_release_files, release_publish
-from weights.serving import artifact_path_ok
 from weights.storage import reset_storage
 
 pytestmark = [

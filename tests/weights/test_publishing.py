@@ -336,3 +336,14 @@ def test_storage_key_is_content_addressed():
     digest = hashlib.sha256(b"x").hexdigest()
     assert storage_key_for(digest) == f"sha256/{digest[:2]}/{digest}"
     assert Path(storage_key_for(digest)).parts[:2] == ("sha256", digest[:2])
+
+
+@pytest.mark.parametrize("name", ["weights\\shard.pth", "tab\there.bin", "bell\x07.bin"])
+def test_a_path_no_download_door_could_serve_is_refused_before_anything_is_written(
+    local_storage, sample_release_dir, name
+):
+    (sample_release_dir / name).write_bytes(b"x")
+    with pytest.raises(PublishError, match="cannot be published"):
+        release_publish(directory=sample_release_dir, slug="llama-7b")
+    assert not Artifact.objects.exists() and not Release.objects.exists()
+    assert stored_objects(local_storage.root) == []

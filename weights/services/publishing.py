@@ -21,10 +21,15 @@ from django.utils import timezone
 
 from weights.checksums import CHECKLIST_NAMES, ChecklistError, file_digests, parse_checklist
 from weights.models import Artifact, Release
+from weights.paths import artifact_path_ok
 from weights.storage import get_storage
 
 NOT_A_DIRECTORY = "{directory} is not a directory"
 EMPTY_DIRECTORY = "{directory} contains no files to publish"
+UNSERVABLE_PATH = (
+    "{path!r} cannot be published: download links cannot serve a path with a backslash, "
+    "a control character or an empty, '.' or '..' segment; rename it"
+)
 BAD_SLUG = "{slug!r} is not a valid slug (letters, digits, hyphens and underscores)"
 CHECKLIST_MALFORMED = "{checklist} is malformed: {error}"
 CHECKLIST_BAD_NAME = "{checklist} lists {name!r}, which is outside its directory"
@@ -100,6 +105,9 @@ def release_publish(
     paths = list_release_files(directory)
     if not paths:
         raise PublishError(EMPTY_DIRECTORY.format(directory=directory))
+    for path in paths:
+        if not artifact_path_ok(path):
+            raise PublishError(UNSERVABLE_PATH.format(path=path))
 
     files = {path: _hash(directory, path, progress) for path in paths}
     verify_checklists(files)
