@@ -12,10 +12,11 @@ repeatable; default: every file), checks the free disk space, then fetches the f
 parallel. Each file is written to ``<dest>/<path>.part``, resumed with an HTTP Range request when
 a ``.part`` is already there, hashed while it streams, and renamed to its final name only once
 its SHA-256 matches the manifest. Files already present with the right SHA-256 are skipped
-without a request. Transient errors (refused or reset connections, timeouts, truncated bodies,
-5xx) are retried with exponential backoff, resuming where the transfer stopped. A refusal from
-the portal (expired, revoked, budget spent, invalid link) stops everything at once: the
-server's explanation is printed and partial files stay in place for a later resume.
+without a request; an empty file needs none either: its ``.part`` is created empty and goes
+through the same check. Transient errors (refused or reset connections, timeouts, truncated
+bodies, 5xx) are retried with exponential backoff, resuming where the transfer stopped. A
+refusal from the portal (expired, revoked, budget spent, invalid link) stops everything at once:
+the server's explanation is printed and partial files stay in place for a later resume.
 
 This module uses only the Python standard library, plus ``tqdm`` for progress bars when it is
 installed (plain progress lines otherwise): copy the file and run ``python download.py URL``.
@@ -674,6 +675,8 @@ def fetch_once(job: Job, opts: Options, reporter: Reporter) -> None:
             hasher = _hasher_for(job) if opts.verify else None
             with _open_part(job.part, start) as out:
                 _stream(job, response, out, hasher, opts, reporter)
+    elif size == 0:
+        _open_part(job.part, 0).close()  # an empty file has no bytes to ask for
     _finalise(job, opts)
 
 

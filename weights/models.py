@@ -119,17 +119,21 @@ class LinkUsage(models.Model):
 
 
 class DownloadEvent(models.Model):
+    """One file request and what it got. Only SERVED, PARTIAL and REDIRECTED deliver bytes."""
+
     class Outcome(models.TextChoices):
         SERVED = "served", "Served"
         PARTIAL = "partial", "Partially served (client stopped)"
         REDIRECTED = "redirected", "Redirected to storage"
         NOT_MODIFIED = "not_modified", "Not modified"
+        HEAD = "head", "Headers only (HEAD)"
         EXPIRED = "expired", "Link expired"
         REVOKED = "revoked", "Link or grant revoked"
         LICENSE = "license", "License must be re-accepted"
         BUDGET = "budget", "Budget spent"
         BAD_RANGE = "bad_range", "Unsatisfiable range"
         NOT_FOUND = "not_found", "No such file"
+        UNAVAILABLE = "unavailable", "Storage unavailable"
         INVALID = "invalid", "Invalid token"
 
     user = models.ForeignKey(

@@ -81,7 +81,7 @@ def not_found() -> Refusal:
 
 
 def unavailable() -> Refusal:
-    return Refusal(503, "unavailable", UNAVAILABLE, Outcome.NOT_FOUND)
+    return Refusal(503, "unavailable", UNAVAILABLE, Outcome.UNAVAILABLE)
 
 
 def bad_range(size: int) -> Refusal:

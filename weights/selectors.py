@@ -24,6 +24,21 @@ class FileBudget:
     def remaining_copies(self) -> float:
         return self.remaining_bytes / self.artifact.size if self.artifact.size else 0.0
 
+    @property
+    def remaining_label(self) -> str:
+        """What is left, in words that read right: 1 copy, 2.5 copies, 0.25 of a copy."""
+        if self.artifact.size == 0:
+            return "empty file"
+        if self.remaining_bytes <= 0:
+            return "none left"
+        copies = self.remaining_copies
+        text = f"{copies:.2f}".rstrip("0").rstrip(".")
+        if text == "0":
+            return "less than 0.01 of a copy left"
+        if copies < 1 and text != "1":
+            return f"{text} of a copy left"
+        return f"{text} {'copy' if text == '1' else 'copies'} left"
+
 
 @dataclass(frozen=True)
 class GrantDownloads:

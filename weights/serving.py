@@ -271,7 +271,7 @@ def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
 
     etag = f'"{artifact.sha256}"'
     if request.method == "HEAD":  # Range does not apply to HEAD; nothing is charged
-        visit.record(link=link, artifact=artifact, nbytes=0, status=200, outcome=Outcome.SERVED)
+        visit.record(link=link, artifact=artifact, nbytes=0, status=200, outcome=Outcome.HEAD)
         return _file_headers(HttpResponse(), artifact, etag, artifact.size)
     if etag_matches(request.headers.get("If-None-Match"), etag):
         visit.record(

@@ -69,7 +69,7 @@ EXPIRED = "This download link expired on {when}. Sign in and request a fresh lin
 REVOKED = "This download link was revoked. Sign in to My downloads to see your access."
 GRANT_REVOKED = "Your access to {release} was revoked; this link no longer works."
 EXPIRED_REASON = "Expired."  # the revoke_reason the expiry sweep writes
-BUDGET = "This link has used its download budget for {path} ({copies} full copies). Request a fresh link on My downloads."
+BUDGET = "This link has used its download budget for {path} (full copies allowed: {copies}). Request a fresh link on My downloads."
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from inference_demo.models import DemoRequest
 from weights.models import DownloadEvent, Release
 
 FINAL_DECISIONS = (ApplicationEvent.Action.APPROVED, ApplicationEvent.Action.REJECTED)
+# The outcomes that delivered bytes; HEAD, 304, 416 and refusals send none.
 DELIVERED = (
     DownloadEvent.Outcome.SERVED,
     DownloadEvent.Outcome.PARTIAL,
