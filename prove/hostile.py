@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from prove.internal import APPLICATION_FIELDS
 from prove.stack import BIN, REPO
 
 MAX_EXAMPLES = 25
@@ -141,14 +142,7 @@ INVISIBLE_NAMES = {
     "zero-width space": "Ada\u200bProver",
     "carriage return": "Ada\r\nBcc: all@example.org",
 }
-DRAFT = {
-    "institutional_email": "ada@uni.example.edu",
-    "affiliation": "University of Examples",
-    "organisation_type": "academic",
-    "country": "GB",
-    "role": "Research fellow",
-    "intended_use": "Studying robustness of language models under distribution shift.",
-}
+DRAFT = {k: v for k, v in APPLICATION_FIELDS.items() if k != "full_name"}
 
 
 def _exchange(
