@@ -28,6 +28,7 @@ def _form(request: HttpRequest, data=None) -> ApiTokenForm:
 @login_required
 def api_tokens(request: HttpRequest) -> HttpResponse:
     form = _form(request, request.POST if request.method == "POST" else None)
+    second_factor = session_passed_second_factor(request)
     issued = None
     if request.method == "POST" and form.is_valid():
         try:
@@ -35,7 +36,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
                 user=request.user,
                 name=form.cleaned_data["name"],
                 days=form.cleaned_data["days"],
-                second_factor=session_passed_second_factor(request),
+                second_factor=second_factor,
             )
         except errors.ServiceError as exc:
             form.add_error(None, str(exc))
@@ -50,7 +51,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
             "tokens": token_services.tokens_of(request.user),
             "staff_blocked": request.user.is_staff
             and settings.PORTAL_ADMIN_REQUIRE_2FA
-            and not session_passed_second_factor(request),
+            and not second_factor,
             "needs_second_factor": token_services.STAFF_NEEDS_SECOND_FACTOR,
         },
         status=400 if request.method == "POST" and issued is None else 200,

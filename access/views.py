@@ -15,7 +15,6 @@ from access.models import Application, LicenseAcceptance
 from access.services import applications as application_services
 from access.services import licenses as license_services
 from access.services import throttles
-from portal.form_encoding import NOT_UTF8 as NOT_UTF8  # checked for every form
 from portal.http import client_ip, user_agent
 
 

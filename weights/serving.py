@@ -12,7 +12,6 @@ import logging
 import posixpath
 import shlex
 import time
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from django.urls import reverse
 from django.utils.http import content_disposition_header
 
 from portal.http import client_ip, user_agent
+from portal.text import one_line
 from weights.checksums import CHECKLIST_NAMES
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.paths import artifact_path_ok
@@ -160,7 +160,7 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
     base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
     # The file endpoint would refuse any other path, so the script never asks for one.
     artifacts = [a for a in release.artifacts.order_by("path") if artifact_path_ok(a.path)]
-    title = _one_line(release.name)
+    title = one_line(release.name)
     # Every value reaches sh as a single-quoted word, and every path as ./path, so no name
     # can run a command or pass for an option. The comment lines get a one-line title.
     context = {
@@ -185,12 +185,6 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
     )
     response["Content-Disposition"] = content_disposition_header(True, "download.sh")
     return protect(response)
-
-
-def _one_line(text: str) -> str:
-    """Text with no line breaks or other control characters, whitespace runs as one space."""
-    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    return " ".join(visible.split())
 
 
 # --- files -------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import smtplib
-import unicodedata
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -27,6 +26,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from access.models import Notification
+from portal.text import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -82,36 +82,14 @@ def _claim(notification_id: int) -> bool:
     return claimed == 1
 
 
-_HEADER_BREAKS = frozenset({"Cc", "Zl", "Zp"})
-_HEADER_DROPPED = frozenset({"Cf", "Cs"})
-
-
-def header_text(text: str) -> str:
-    """One line fit for an email header: no CR, LF or other control character.
-
-    Names in subjects come from applicants; a stray CR would make Django refuse the
-    message (BadHeaderError) and a bidi override would disguise the subject. Line
-    breaks and controls become a space, invisible format characters go, and runs of
-    whitespace collapse to one space.
-    """
-    kept = []
-    for char in text:
-        category = unicodedata.category(char)
-        if category in _HEADER_BREAKS:
-            kept.append(" ")
-        elif category not in _HEADER_DROPPED:
-            kept.append(char)
-    return " ".join("".join(kept).split())
-
-
 def render_notification(notification: Notification) -> EmailMultiAlternatives:
     context = {**notification.context, "site_url": settings.SITE_URL}
     base = f"email/{notification.kind}"
-    subject = header_text(render_to_string(f"{base}_subject.txt", context))
+    subject = render_to_string(f"{base}_subject.txt", context)
     text = render_to_string(f"{base}.txt", context)
     html = render_to_string(f"{base}.html", context)
     message = EmailMultiAlternatives(
-        subject=header_text(f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}{subject}"),
+        subject=one_line(settings.ACCOUNT_EMAIL_SUBJECT_PREFIX + subject),
         body=text,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[notification.recipient],

@@ -17,7 +17,7 @@ from access import errors
 from access.models import ApiToken, Application, ApplicationEvent, LicenseAcceptance
 from access.services import reviews
 from access.services.throttles import SUBMIT_RATE_LIMITED
-from access.views import NOT_UTF8
+from portal.form_encoding import NOT_UTF8
 from tests.conftest import FIELDS
 from tests.factories import LicenseVersionFactory
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from access.models import Grant
 from access.policies import LICENSE_NOT_ACCEPTED, can_use_release
-from access.services.notifications import header_text
+from portal.text import one_line
 from weights import tokens
 from weights.models import Artifact, DownloadLink, LinkUsage
 
@@ -133,7 +133,7 @@ def link_email(grant: Grant, issued: IssuedLink) -> EmailMultiAlternatives:
         "site_url": settings.SITE_URL,
     }
     message = EmailMultiAlternatives(
-        subject=header_text(
+        subject=one_line(
             settings.ACCOUNT_EMAIL_SUBJECT_PREFIX
             + render_to_string("email/download_link_subject.txt", context)
         ),
