@@ -30,7 +30,12 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
     form = _form(request, request.POST if request.method == "POST" else None)
     second_factor = session_passed_second_factor(request)
     issued = None
-    if request.method == "POST" and form.is_valid():
+    limited = request.method == "POST" and token_services.token_create_rate_limited(
+        request, record=False
+    )
+    if limited:
+        form.add_error(None, token_services.CREATE_RATE_LIMITED)
+    elif request.method == "POST" and form.is_valid():
         try:
             issued = token_services.token_create(
                 user=request.user,
@@ -41,6 +46,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
         except errors.ServiceError as exc:
             form.add_error(None, str(exc))
         else:
+            token_services.token_create_rate_limited(request, record=True)
             form = _form(request)
     return render(
         request,
@@ -54,7 +60,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
             and not second_factor,
             "needs_second_factor": token_services.STAFF_NEEDS_SECOND_FACTOR,
         },
-        status=400 if request.method == "POST" and issued is None else 200,
+        status=429 if limited else 400 if request.method == "POST" and issued is None else 200,
     )
 
 

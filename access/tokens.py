@@ -16,7 +16,9 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.http import HttpRequest
 from django.utils import timezone
+from django_ratelimit.core import get_usage
 
 from access import errors
 from access.models import ApiToken
@@ -31,6 +33,7 @@ STAFF_NEEDS_SECOND_FACTOR = (
     "your authenticator code. Set up two-factor authentication, sign out and sign in again."
 )
 NO_SUCH_TOKEN = "No such token."
+CREATE_RATE_LIMITED = "You created many tokens in the last hour; try again later."
 TOKEN_NAME = NoInvisibleCharacters("Token name")
 
 
@@ -93,6 +96,19 @@ def token_create(
         password_stamp=password_stamp(user),
     )
     return IssuedToken(token=token, secret=secret)
+
+
+def token_create_rate_limited(request: HttpRequest, *, record: bool) -> bool:
+    """Whether the user behind `request` has already created PORTAL_API_TOKEN_CREATE_RATE
+    tokens; counted in the shared cache. `record=True` counts one more creation."""
+    usage = get_usage(
+        request,
+        group="access.token_create",
+        key="user",
+        rate=settings.PORTAL_API_TOKEN_CREATE_RATE,
+        increment=record,
+    )
+    return usage is not None and usage["count"] >= usage["limit"]
 
 
 def token_revoke(*, user: AbstractBaseUser, token_key: str) -> None:

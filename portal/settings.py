@@ -272,6 +272,8 @@ PORTAL_API_TOKEN_MAX_DAYS = envint("PORTAL_API_TOKEN_MAX_DAYS", 90, minimum=1)
 # Reviewer tokens act on applications: they live at most this long.
 PORTAL_STAFF_TOKEN_MAX_DAYS = envint("PORTAL_STAFF_TOKEN_MAX_DAYS", 7, minimum=1)
 PORTAL_API_TOKENS_PER_USER = envint("PORTAL_API_TOKENS_PER_USER", 10, minimum=1)
+# Tokens created per user and hour, on every door (revoking and creating again included).
+PORTAL_API_TOKEN_CREATE_RATE = envstr("PORTAL_API_TOKEN_CREATE_RATE", "20/h")
 REST_KNOX = {
     "TOKEN_PREFIX": "lap_",
     "TOKEN_TTL": timedelta(days=PORTAL_API_TOKEN_DAYS),

@@ -290,3 +290,17 @@ def test_the_openapi_schema_says_how_to_get_and_send_a_token(client):
     assert "/account/api-tokens/" in scheme["description"]
     assert "password changes" in scheme["description"]
     assert "tokenAuth" not in schema["components"]["securitySchemes"]
+
+
+def test_the_review_rate_limit_is_one_budget_for_tokens_and_the_session(
+    reviewer_client, reviewer, monkeypatch
+):
+    from rest_framework.throttling import ScopedRateThrottle
+
+    monkeypatch.setitem(ScopedRateThrottle.THROTTLE_RATES, "review", "3/hour")
+    api = bearer(api_token(reviewer))
+    assert api.get("/api/review/applications/").status_code == 200
+    assert api.get("/api/review/applications/").status_code == 200
+    assert reviewer_client.get("/api/review/applications/").status_code == 200
+    assert api.get("/api/review/applications/").status_code == 429
+    assert reviewer_client.get("/api/review/applications/").status_code == 429
