@@ -44,13 +44,30 @@ def can_use_release(user: AbstractBaseUser | AnonymousUser, release) -> AccessDe
     if grant is None:
         return _refusal_without_grant(user, release)
     current = license_current()
-    if current is None:
+    accepted = (
+        current is not None
+        and LicenseAcceptance.objects.filter(user=user, license_version=current).exists()
+    )
+    return grant_holder_decision(
+        user, release, license_version=current.version if current else None, accepted=accepted
+    )
+
+
+def grant_holder_decision(
+    user: AbstractBaseUser, release, *, license_version: str | None, accepted: bool
+) -> AccessDecision:
+    """The rest of the check for someone who holds an active grant, from facts already
+    read: the current license's version (None: no license in effect) and whether `user`
+    accepted it. The download door reads those facts in the same query as the link."""
+    if not user.is_active:
+        return AccessDecision(False, INACTIVE, "This account is disabled.")
+    if license_version is None:
         return AccessDecision(False, NO_LICENSE, "No license is in effect; access is paused.")
-    if not LicenseAcceptance.objects.filter(user=user, license_version=current).exists():
+    if not accepted:
         return AccessDecision(
             False,
             LICENSE_NOT_ACCEPTED,
-            f"The license changed to version {current.version}. Accept it to continue using {release}.",
+            f"The license changed to version {license_version}. Accept it to continue using {release}.",
             reverse("access:license_accept"),
         )
     return AccessDecision(True, ALLOWED, "Access granted.")

@@ -197,6 +197,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "weights.tasks.flag_shared_links",
         "schedule": 900.0,
     },
+    # Journals of killed web processes (weights.services.event_journal).
+    "flush-download-events": {
+        "task": "weights.tasks.flush_download_events",
+        "schedule": 60.0,
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -411,6 +416,21 @@ WEIGHTS_X_ACCEL_PREFIX = envstr("WEIGHTS_X_ACCEL_PREFIX", "")
 WEIGHTS_LINK_LIFETIME_HOURS = envint("WEIGHTS_LINK_LIFETIME_HOURS", 24, minimum=1)
 WEIGHTS_LINK_BUDGET_COPIES = envint("WEIGHTS_LINK_BUDGET_COPIES", 5, minimum=1)
 WEIGHTS_LINK_MAX_IPS = envint("WEIGHTS_LINK_MAX_IPS", 5, minimum=1)
+# Byte budgets (docs/downloads.md, "What a download costs"): bytes already charged to an
+# address on a link are free to that address again for this long (resumes, retries,
+# parallel clients), up to WEIGHTS_RESUME_FREE_COPIES copies' worth per file; each file also
+# has WEIGHTS_BUDGET_SLACK_BYTES (at most its size) over N copies for what a cut leaves in
+# network buffers when the resume comes from another address.
+WEIGHTS_RESUME_WINDOW_SECONDS = envint("WEIGHTS_RESUME_WINDOW_SECONDS", 24 * 3600, minimum=0)
+WEIGHTS_RESUME_FREE_COPIES = envint("WEIGHTS_RESUME_FREE_COPIES", 2, minimum=0)
+WEIGHTS_BUDGET_SLACK_BYTES = envint("WEIGHTS_BUDGET_SLACK_BYTES", 16 * 1024 * 1024, minimum=0)
+# Download events are appended to a per-process journal under this directory (a write
+# that survives the process being killed) and inserted in batches.
+WEIGHTS_EVENT_JOURNAL_DIR = Path(
+    envstr("WEIGHTS_EVENT_JOURNAL_DIR", str(VAR_DIR / "download-events"))
+)
+WEIGHTS_EVENT_BATCH = envint("WEIGHTS_EVENT_BATCH", 500, minimum=1)
+WEIGHTS_EVENT_FLUSH_SECONDS = envint("WEIGHTS_EVENT_FLUSH_SECONDS", 1, minimum=1)
 WEIGHTS_FRESH_LINK_RATE = envstr("WEIGHTS_FRESH_LINK_RATE", "5/h")
 # Expired links are closed (revoked, reason "Expired.") this long after expiry; until then
 # the link's page still says precisely that it expired and when.

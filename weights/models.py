@@ -108,6 +108,9 @@ class LinkUsage(models.Model):
     link = models.ForeignKey(DownloadLink, on_delete=models.CASCADE, related_name="usages")
     artifact = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="+")
     bytes_charged = models.BigIntegerField(default=0)
+    bytes_forgiven = models.BigIntegerField(
+        default=0, help_text="Bytes re-requested by an address that had already paid for them."
+    )
 
     class Meta:
         constraints = [
@@ -152,6 +155,9 @@ class DownloadEvent(models.Model):
     bytes = models.BigIntegerField(default=0)
     status_code = models.PositiveSmallIntegerField()
     outcome = models.CharField(max_length=20, choices=Outcome.choices)
+    journal_id = models.UUIDField(
+        null=True, blank=True, unique=True, editable=False, help_text="Journal line it came from."
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -48,15 +48,15 @@ from weights.refusals import (
     safe_methods,
     unavailable,
 )
-from weights.services.events import download_event_record
-from weights.services.links import (
-    LinkRefused,
+from weights.services.budget import (
+    FlowingCharge,
+    authorise,
     budget_limit,
-    budget_refund,
-    budget_reserve,
-    link_recheck,
-    link_resolve,
+    budget_spent_error,
+    refund,
 )
+from weights.services.events import download_event_record
+from weights.services.links import LinkRefused, link_recheck, link_resolve
 from weights.storage import StorageError, get_storage
 
 logger = logging.getLogger("weights.serving")
@@ -308,15 +308,11 @@ def _file_headers(
     return protect(response, cache=FILE_CACHE)
 
 
-def _reserve(
-    request: HttpRequest, visit: Visit, link: DownloadLink, artifact: Artifact, nbytes: int
-) -> HttpResponse | None:
-    """Charge nbytes or return the 429 refusal (already recorded)."""
-    try:
-        budget_reserve(link=link, artifact=artifact, nbytes=nbytes)
-    except LinkRefused as error:
-        return _refuse_file(request, visit, Refusal.from_error(error), link=link, artifact=artifact)
-    return None
+def _refuse_budget(
+    request: HttpRequest, visit: Visit, link: DownloadLink, artifact: Artifact
+) -> HttpResponse:
+    refusal = Refusal.from_error(budget_spent_error(link, artifact))
+    return _refuse_file(request, visit, refusal, link=link, artifact=artifact)
 
 
 def _serve_local(
@@ -334,16 +330,17 @@ def _serve_local(
     except OSError:
         logger.exception("artifact %s is missing from local storage", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
-    refused = _reserve(request, visit, link, artifact, length)
-    if refused:
+    flow = FlowingCharge.begin(
+        link=link, artifact=artifact, address=visit.ip_address, start=start, length=length
+    )
+    if flow is None:
         handle.close()
-        return refused
+        return _refuse_budget(request, visit, link, artifact)
     status = 206 if byte_range else 200
     stream = MeteredStream(
         handle,
-        start,
-        length,
-        on_close=_settle(visit, link, artifact, status),
+        flow,
+        on_close=_record_stream(visit, link, artifact, status, length),
         recheck=lambda: link_recheck(link_id=link.pk),
     )
     response = StreamingHttpResponse(stream, status=status)
@@ -352,20 +349,19 @@ def _serve_local(
     return _file_headers(response, artifact, etag, length)
 
 
-def _settle(visit: Visit, link: DownloadLink, artifact: Artifact, status: int):
-    """What happens when a stream ends: refund what was reserved but not sent, record it,
-    with the refusal's outcome (revoked, license) when the portal stopped it."""
+def _record_stream(visit: Visit, link: DownloadLink, artifact: Artifact, status: int, length: int):
+    """The event of a stream that ended, with the refusal's outcome (revoked, license,
+    budget) when the portal stopped it."""
 
-    def settle(reserved: int, sent: int, stopped: LinkRefused | None) -> None:
-        budget_refund(link=link, artifact=artifact, nbytes=reserved - sent)
+    def record(sent: int, stopped: LinkRefused | None) -> None:
         if stopped is not None:
             outcome = Refusal.from_error(stopped).outcome
             logger.info("stopped a download on link %s after %d bytes: %s", link.pk, sent, outcome)
         else:
-            outcome = Outcome.SERVED if sent == reserved else Outcome.PARTIAL
+            outcome = Outcome.SERVED if sent == length else Outcome.PARTIAL
         visit.record(link=link, artifact=artifact, nbytes=sent, status=status, outcome=outcome)
 
-    return settle
+    return record
 
 
 def _monotonic() -> float:
@@ -373,24 +369,24 @@ def _monotonic() -> float:
 
 
 class MeteredStream:
-    """Yields `length` bytes from `start` in chunks and settles the account exactly once, on
-    close(), even when iteration never began. A chunk counts as sent once the server asks for
-    the next one (its write returned) or the stream ends: a client that goes away is charged
-    only for what it received.
+    """Yields the bytes of `flow`'s range in chunks, charging them a step ahead
+    (FlowingCharge), and settles exactly once, on close(), even when iteration never began:
+    a client that goes away is charged only for what was written to it.
 
     Every RECHECK_SECONDS or RECHECK_BYTES, `recheck` says whether the transfer may go on;
-    a refusal ends the stream there (the client sees a short body and can tell)."""
+    a refusal ends the stream there (the client sees a short body and can tell). So does a
+    budget that a parallel request spent meanwhile."""
 
     def __init__(
         self,
         handle: BinaryIO,
-        start: int,
-        length: int,
+        flow: FlowingCharge,
         *,
-        on_close: Callable[[int, int, LinkRefused | None], None],
+        on_close: Callable[[int, LinkRefused | None], None],
         recheck: Callable[[], LinkRefused | None] | None = None,
     ) -> None:
-        self.handle, self.start, self.length = handle, start, length
+        self.handle, self.flow = handle, flow
+        self.start, self.length = flow.start, flow.end - flow.start
         self.sent = 0
         self.stopped: LinkRefused | None = None
         self._on_close = on_close
@@ -410,9 +406,13 @@ class MeteredStream:
                 if self.stopped is not None:
                     break
                 checked_at, checked_bytes = _monotonic(), self.sent
-            chunk = self.handle.read(min(CHUNK_SIZE, remaining))
+            position = self.start + self.sent
+            if position >= self.flow.charged_to and not self.flow.extend(position):
+                self.stopped = budget_spent_error(self.flow.link, self.flow.artifact)
+                break
+            chunk = self.handle.read(min(CHUNK_SIZE, remaining, self.flow.charged_to - position))
             if not chunk:
-                break  # the file is shorter than recorded: the refund covers the rest
+                break  # the file is shorter than recorded: settling gives back the rest
             yield chunk
             self.sent += len(chunk)
             remaining -= len(chunk)
@@ -423,7 +423,8 @@ class MeteredStream:
         self._closed = True
         self.handle.close()
         try:
-            self._on_close(self.length, self.sent, self.stopped)
+            self.flow.settle(self.start + self.sent)
+            self._on_close(self.sent, self.stopped)
         except Exception:
             # Django swallows errors raised by closers; make sure this one is seen.
             logger.exception("could not settle a download stream")
@@ -442,11 +443,11 @@ def _serve_accel(
     if request.headers.get("If-Range") is not None:
         # nginx checks If-Range against its own ETag, never ours, and sends the whole file.
         byte_range = None
-    nbytes = byte_range.length if byte_range else artifact.size
-    refused = _reserve(request, visit, link, artifact, nbytes)
-    if refused:
-        return refused
+    span = (byte_range.start, byte_range.end + 1) if byte_range else (0, artifact.size)
+    if not authorise(link=link, artifact=artifact, address=visit.ip_address, span=span):
+        return _refuse_budget(request, visit, link, artifact)
     status = 206 if byte_range else 200
+    nbytes = span[1] - span[0]
     visit.record(link=link, artifact=artifact, nbytes=nbytes, status=status, outcome=Outcome.SERVED)
     response = _file_headers(HttpResponse(b""), artifact, etag, None)
     response["X-Accel-Redirect"] = settings.WEIGHTS_X_ACCEL_PREFIX + quote(artifact.storage_key)
@@ -480,14 +481,16 @@ def _serve_redirect(
     byte_range: ByteRange | None,
 ) -> HttpResponse:
     """S3: a presigned GET minted now, valid for minutes; we charge the authorised range."""
-    nbytes = byte_range.length if byte_range else artifact.size
+    span = (byte_range.start, byte_range.end + 1) if byte_range else (0, artifact.size)
+    nbytes = span[1] - span[0]
     if not _object_reachable(storage, artifact):
         # Presigning is local: without this a bucket outage would charge for bytes that
         # can never arrive.
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
-    refused = _reserve(request, visit, link, artifact, nbytes)
-    if refused:
-        return refused
+    # Presigning cannot fail once the object answered, so the charge comes first and a
+    # refusal never leaves a usable URL behind.
+    if not authorise(link=link, artifact=artifact, address=visit.ip_address, span=span):
+        return _refuse_budget(request, visit, link, artifact)
     try:
         url = storage.presigned_get(
             artifact.storage_key,
@@ -497,7 +500,7 @@ def _serve_redirect(
             byte_range=visit.range_header if byte_range else None,
         )
     except StorageError:
-        budget_refund(link=link, artifact=artifact, nbytes=nbytes)
+        refund(link=link, artifact=artifact, paid=nbytes)
         logger.exception("could not presign artifact %s", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
     visit.record(

@@ -35,7 +35,9 @@ def grant(alice, reviewer, make_submitted, releases):
 
 def _spend(issued: links.IssuedLink, path: str, nbytes: int) -> None:
     artifact = Artifact.objects.get(path=path)
-    LinkUsage.objects.create(link=issued.link, artifact=artifact, bytes_charged=nbytes)
+    LinkUsage.objects.update_or_create(
+        link=issued.link, artifact=artifact, defaults={"bytes_charged": nbytes}
+    )
 
 
 @pytest.mark.parametrize(

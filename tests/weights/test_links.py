@@ -14,8 +14,8 @@ from django.utils import timezone
 from access.models import Grant
 from access.services import reviews
 from weights import tokens
-from weights.models import Artifact, DownloadLink
-from weights.services import links
+from weights.models import Artifact, DownloadLink, LinkUsage
+from weights.services import budget, links
 from weights.tasks import issue_missing_links
 
 pytestmark = pytest.mark.django_db
@@ -139,14 +139,23 @@ def test_budget_counts_bytes_and_refunds(approved, releases):
         storage_key="k",
     )
     link.budget_copies = 2
+    usage = LinkUsage.objects.filter(link=link, artifact=artifact)
     for _ in range(4):
-        links.budget_reserve(link=link, artifact=artifact, nbytes=50)
-    with pytest.raises(links.BudgetSpent):
-        links.budget_reserve(link=link, artifact=artifact, nbytes=1)
-    links.budget_refund(link=link, artifact=artifact, nbytes=30)
-    assert links.budget_remaining(link, artifact) == 30
-    links.budget_reserve(link=link, artifact=artifact, nbytes=30)
-    assert links.budget_remaining(link, artifact) == 0
+        assert budget.charge(link=link, artifact=artifact, paid=50)
+    # Each file has a slack over N copies (here its size, being under the setting).
+    assert budget.budget_ceiling(link, artifact) == 300
+    assert budget.charge(link=link, artifact=artifact, paid=100)
+    assert not budget.charge(link=link, artifact=artifact, paid=1)
+    assert usage.get().bytes_charged == 300
+    budget.refund(link=link, artifact=artifact, paid=30)
+    assert usage.get().bytes_charged == 270
+    assert budget.charge(link=link, artifact=artifact, paid=30)
+    assert not budget.charge(link=link, artifact=artifact, paid=1)
+    # Free bytes are capped too (WEIGHTS_RESUME_FREE_COPIES copies' worth); past the cap
+    # they are charged, and refused when the budget cannot take them.
+    assert budget.charge(link=link, artifact=artifact, paid=0, free=200)
+    assert not budget.charge(link=link, artifact=artifact, paid=0, free=1)
+    assert (usage.get().bytes_charged, usage.get().bytes_forgiven) == (300, 200)
 
 
 def test_my_downloads_lists_grants_expiry_and_budget_per_file(client, approved, alice, releases):

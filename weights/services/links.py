@@ -8,17 +8,18 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.mail import EmailMultiAlternatives
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Subquery
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 
-from access.models import Grant
-from access.policies import LICENSE_NOT_ACCEPTED, can_use_release
+from access.models import Grant, LicenseAcceptance, LicenseVersion
+from access.policies import LICENSE_NOT_ACCEPTED, grant_holder_decision
 from portal.text import one_line
 from weights import tokens
-from weights.models import Artifact, DownloadLink, LinkUsage
+from weights.models import DownloadLink
+from weights.services.budget import usages_create
 
 
 def _now() -> datetime:
@@ -69,7 +70,6 @@ EXPIRED = "This download link expired on {when}. Sign in and request a fresh lin
 REVOKED = "This download link was revoked. Sign in to My downloads to see your access."
 GRANT_REVOKED = "Your access to {release} was revoked; this link no longer works."
 EXPIRED_REASON = "Expired."  # the revoke_reason the expiry sweep writes
-BUDGET = "This link has used its download budget for {path} (full copies allowed: {copies}). Request a fresh link on My downloads."
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def link_issue(
             expires_at=now + (lifetime or timedelta(hours=settings.WEIGHTS_LINK_LIFETIME_HOURS)),
             budget_copies=budget_copies or settings.WEIGHTS_LINK_BUDGET_COPIES,
         )
+        usages_create(link=link, artifacts=grant.release.artifacts.all())
     return IssuedLink(link=link, token=token)
 
 
@@ -176,9 +177,7 @@ def link_resolve(token: str) -> DownloadLink:
     if not tokens.looks_like_token(token):
         raise LinkInvalid(INVALID)
     try:
-        link = DownloadLink.objects.select_related("grant__release", "grant__user").get(
-            token_hash=tokens.token_hash(token)
-        )
+        link = _links_with_access_facts().get(token_hash=tokens.token_hash(token))
     except DownloadLink.DoesNotExist:
         raise LinkInvalid(INVALID) from None
     _check(link, in_flight=False)
@@ -191,7 +190,7 @@ def link_recheck(*, link_id: int) -> LinkRefused | None:
     The rules of link_resolve, read afresh from the database, except expiry: a transfer
     authorised before the link expired may finish, as a presigned URL's would."""
     try:
-        link = DownloadLink.objects.select_related("grant__release", "grant__user").get(pk=link_id)
+        link = _links_with_access_facts().get(pk=link_id)
     except DownloadLink.DoesNotExist:
         return LinkInvalid(INVALID)
     try:
@@ -199,6 +198,22 @@ def link_recheck(*, link_id: int) -> LinkRefused | None:
     except LinkRefused as error:
         return error
     return None
+
+
+def _links_with_access_facts():
+    """Links with their grant, release and user, and the license facts the access check
+    needs (current version, accepted by the grant's user): one query per request."""
+    current = LicenseVersion.objects.filter(effective_from__lte=_now()).order_by(
+        "-effective_from", "-pk"
+    )
+    return DownloadLink.objects.select_related("grant__release", "grant__user").annotate(
+        license_version=Subquery(current.values("version")[:1]),
+        license_accepted=Exists(
+            LicenseAcceptance.objects.filter(
+                user=OuterRef("grant__user"), license_version=Subquery(current.values("pk")[:1])
+            )
+        ),
+    )
 
 
 def _check(link: DownloadLink, *, in_flight: bool) -> None:
@@ -215,51 +230,12 @@ def _check(link: DownloadLink, *, in_flight: bool) -> None:
         raise LinkExpired(
             EXPIRED.format(when=when), link=link, action_url=reverse("weights:my_downloads")
         )
-    decision = can_use_release(grant.user, grant.release)
+    decision = grant_holder_decision(
+        grant.user,
+        grant.release,
+        license_version=link.license_version,
+        accepted=link.license_accepted,
+    )
     if not decision.allowed:
         kind = LicenseRequired if decision.reason == LICENSE_NOT_ACCEPTED else LinkRevoked
         raise kind(decision.message, link=link, action_url=decision.action_url)
-
-
-def budget_limit(link: DownloadLink, artifact: Artifact) -> int:
-    return link.budget_copies * artifact.size
-
-
-def budget_remaining(link: DownloadLink, artifact: Artifact) -> int:
-    used = (
-        LinkUsage.objects.filter(link=link, artifact=artifact)
-        .values_list("bytes_charged", flat=True)
-        .first()
-        or 0
-    )
-    return max(0, budget_limit(link, artifact) - used)
-
-
-def budget_reserve(*, link: DownloadLink, artifact: Artifact, nbytes: int) -> None:
-    """Charge nbytes to the link for this file, atomically, or refuse if it would exceed the budget.
-
-    A conditional UPDATE makes parallel range requests (aria2c -x16) race safely.
-    """
-    limit = budget_limit(link, artifact)
-    try:
-        with transaction.atomic():
-            LinkUsage.objects.get_or_create(link=link, artifact=artifact)
-    except IntegrityError:
-        pass  # created concurrently
-    charged = LinkUsage.objects.filter(
-        link=link, artifact=artifact, bytes_charged__lte=limit - nbytes
-    ).update(bytes_charged=F("bytes_charged") + nbytes)
-    if charged != 1:
-        raise BudgetSpent(
-            BUDGET.format(path=artifact.path, copies=link.budget_copies),
-            link=link,
-            action_url=reverse("weights:my_downloads"),
-        )
-
-
-def budget_refund(*, link: DownloadLink, artifact: Artifact, nbytes: int) -> None:
-    """Give back bytes reserved but never sent (client went away mid-file)."""
-    if nbytes > 0:
-        LinkUsage.objects.filter(link=link, artifact=artifact).update(
-            bytes_charged=F("bytes_charged") - nbytes
-        )

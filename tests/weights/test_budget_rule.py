@@ -1,0 +1,212 @@
+"""The rule for what a download costs (docs/downloads.md, "What a download costs").
+
+Bytes are charged as the portal sends them (local) or authorises them (X-Accel, S3). An
+address re-asking for bytes it was already charged for gets them free (streamed by the
+portal: at most WEIGHTS_BUDGET_SLACK_BYTES per request, what a cut can leave in network
+buffers; authorised: the overlap), up to WEIGHTS_RESUME_FREE_COPIES copies' worth per
+file; another address always pays; each file allows N copies plus a slack of
+min(WEIGHTS_BUDGET_SLACK_BYTES, size). Real clients over real servers: test_client_matrix.py.
+"""
+
+# ruff: noqa: F811 (the fixtures imported from test_serving are used as arguments)
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.core.cache import cache
+from django.db import connection
+from django.test import Client
+
+from tests.weights.test_serving import (
+    CHUNK,
+    MIB,
+    SHARD,
+    artifact,
+    body,
+    charged,
+    file_url,
+    get,
+    grant,  # noqa: F401 (fixture)
+    hang_up,
+    source,  # noqa: F401 (fixture)
+)
+from weights import serving
+from weights.models import DownloadEvent, LinkUsage
+from weights.services import budget, links
+
+pytestmark = pytest.mark.django_db
+
+A, B = "198.51.100.10", "203.0.113.20"
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    monkeypatch.setattr(serving, "CHUNK_SIZE", CHUNK)
+
+
+@pytest.fixture
+def one_copy(source, grant) -> str:
+    return links.link_issue(grant=grant, budget_copies=1).token
+
+
+def forgiven() -> int:
+    return sum(
+        LinkUsage.objects.filter(artifact=artifact()).values_list("bytes_forgiven", flat=True)
+    )
+
+
+def cut_after(client, url: str, chunks: int, **headers) -> bytes:
+    """Read `chunks` chunks, ask for one more (written to the socket, never received),
+    then go away, as a killed wget does."""
+    response = get(client, url, **headers)
+    stream = iter(response.streaming_content)
+    received = b"".join(next(stream) for _ in range(chunks + 1))[: chunks * CHUNK]
+    hang_up(response)
+    return received
+
+
+def test_a_resume_from_the_same_address_does_not_pay_twice_for_what_a_cut_lost(
+    client,
+    one_copy,
+    source,
+):
+    """The client had only 6 chunks when it died although 8 were written: it resumes at 6;
+    the two chunks it asks again are free, and one copy is one copy, after three cuts."""
+    data = (source / SHARD).read_bytes()
+    url = file_url(one_copy)
+    have = b""
+    for cut_at in (3, 7, 11):  # chunks written before each cut; the client keeps 2 fewer
+        start = len(have)
+        resume = {"HTTP_RANGE": f"bytes={start}-"} if start else {}
+        sent = cut_after(client, url, cut_at - start // CHUNK, REMOTE_ADDR=A, **resume)
+        have += sent[: -2 * CHUNK]
+    rest = get(client, url, HTTP_RANGE=f"bytes={len(have)}-", REMOTE_ADDR=A)
+    assert rest.status_code == 206
+    assert have + body(rest) == data
+    assert charged() == MIB
+    assert forgiven() == 3 * 2 * CHUNK
+
+
+def test_another_address_pays_for_the_same_bytes(client, one_copy, source, settings):
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 4 * CHUNK
+    url = file_url(one_copy)
+    assert len(cut_after(client, url, 8, REMOTE_ADDR=A)) == 8 * CHUNK
+    # B resumes where A was cut, but re-asks two chunks A was charged for: B pays them.
+    rest = get(client, url, HTTP_RANGE=f"bytes={6 * CHUNK}-", REMOTE_ADDR=B)
+    assert rest.status_code == 206 and len(body(rest)) == MIB - 6 * CHUNK
+    assert (charged(), forgiven()) == (MIB + 2 * CHUNK, 0)
+    # The file's slack (4 chunks) is all a third full copy could still get: refused.
+    assert get(client, url, REMOTE_ADDR=B).status_code == 429
+    assert charged() <= MIB + 4 * CHUNK
+
+
+def test_two_machines_sharing_a_one_copy_link_get_one_copy_plus_the_slack(
+    client,
+    one_copy,
+    source,
+    settings,
+):
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = CHUNK
+    url = file_url(one_copy)
+    assert body(get(client, url, REMOTE_ADDR=A)) == (source / SHARD).read_bytes()
+    refused = get(client, url, REMOTE_ADDR=B)
+    assert refused.status_code == 429
+    event = DownloadEvent.objects.order_by("pk").last()
+    assert (event.ip_address, event.outcome, event.bytes) == (B, "budget", 0)
+    assert charged() == MIB
+
+
+def test_a_stream_frees_only_what_a_cut_can_leave_in_flight(
+    client,
+    one_copy,
+    source,
+    settings,
+    monkeypatch,
+):
+    """Streamed by the portal, a re-request of bytes already sent is free only up to
+    WEIGHTS_BUDGET_SLACK_BYTES per request: a second whole copy is not a resume. It
+    streams until the budget is spent, then stops short."""
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 3 * CHUNK
+    monkeypatch.setattr(budget, "FIRST_STEP", CHUNK)
+    monkeypatch.setattr(budget, "CONTINUE_TRIES", 1)
+    url = file_url(one_copy)
+    half = get(client, url, HTTP_RANGE=f"bytes=0-{MIB // 2 - 1}", REMOTE_ADDR=A)
+    assert len(body(half)) == MIB // 2
+    received = body(get(client, url, REMOTE_ADDR=A))
+    assert len(received) < MIB
+    assert DownloadEvent.objects.order_by("pk").last().outcome == "budget"
+    assert forgiven() == 3 * CHUNK
+    assert MIB // 2 + len(received) - 3 * CHUNK == charged() <= MIB + 3 * CHUNK
+
+
+def test_authorised_ranges_are_free_again_to_the_same_address_up_to_the_cap(
+    client, one_copy, settings
+):
+    """X-Accel (and S3): the portal cannot see what arrived, so a re-request of an
+    authorised range from the same address is free, up to 2 copies' worth per file.
+    (Django answers 200 with X-Accel-Redirect; nginx turns a Range into the 206.)"""
+    settings.WEIGHTS_X_ACCEL_PREFIX = "/_weights/"
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 0
+    url = file_url(one_copy)
+    assert get(client, url, REMOTE_ADDR=A).status_code == 200  # 1 copy authorised
+    for start in (MIB // 4, MIB // 2, 3 * MIB // 4):  # three cuts, three resumes
+        assert get(client, url, HTTP_RANGE=f"bytes={start}-", REMOTE_ADDR=A).status_code == 200
+    assert (charged(), forgiven()) == (MIB, MIB // 4 * 3 + MIB // 2 + MIB // 4 * 1)
+    assert get(client, url, REMOTE_ADDR=B).status_code == 429  # another address pays
+    # The cap: 2 copies' worth free in all; then the same address pays too.
+    assert get(client, url, HTTP_RANGE=f"bytes=0-{MIB // 2 - 1}", REMOTE_ADDR=A).status_code == 200
+    assert get(client, url, REMOTE_ADDR=A).status_code == 429
+    assert (charged(), forgiven()) == (MIB, 2 * MIB)
+
+
+def test_aria2_style_parallel_segments_after_a_whole_file_request(client, one_copy, settings):
+    """aria2c -x16 first asks for the whole file, then for 15 segments: authorised, the
+    segments re-ask bytes the first request was charged for, so all 16 fit in one copy."""
+    settings.WEIGHTS_X_ACCEL_PREFIX = "/_weights/"
+    url = file_url(one_copy)
+    assert get(client, url, REMOTE_ADDR=A).status_code == 200
+    step = MIB // 16
+    for i in range(1, 16):
+        ranged = get(
+            client, url, HTTP_RANGE=f"bytes={i * step}-{(i + 1) * step - 1}", REMOTE_ADDR=A
+        )
+        assert ranged.status_code == 200
+    assert charged() == MIB
+
+
+def test_a_lost_cache_costs_the_free_re_request_never_more_bytes(client, one_copy, settings):
+    settings.WEIGHTS_X_ACCEL_PREFIX = "/_weights/"
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 0
+    url = file_url(one_copy)
+    assert get(client, url, HTTP_RANGE=f"bytes=0-{MIB // 2 - 1}", REMOTE_ADDR=A).status_code == 200
+    cache.clear()
+    assert get(client, url, HTTP_RANGE="bytes=0-99", REMOTE_ADDR=A).status_code == 200
+    assert (charged(), forgiven()) == (MIB // 2 + 100, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sixteen_parallel_whole_file_requests_never_exceed_the_ceiling(one_copy, settings):
+    """Sixteen machines at once on a one-copy link: conditional UPDATEs keep the total at
+    one copy plus the slack, whatever the interleaving."""
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 2 * CHUNK
+    received: list[int] = []
+    lock = threading.Lock()
+
+    def fetch(i: int) -> None:
+        try:
+            response = Client().get(file_url(one_copy), REMOTE_ADDR=f"192.0.2.{i + 1}")
+            n = len(body(response)) if response.status_code == 200 else 0
+            with lock:
+                received.append(n)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(received) == 16
+    assert MIB <= sum(received) <= MIB + 2 * CHUNK
+    assert charged() == sum(received)
