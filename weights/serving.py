@@ -56,6 +56,7 @@ from weights.services.budget import (
     refund,
 )
 from weights.services.events import download_event_record
+from weights.services.file_requests import link_file_resolve
 from weights.services.links import LinkRefused, link_recheck, link_resolve
 from weights.storage import StorageError, get_storage
 
@@ -253,13 +254,12 @@ def _refuse_file(
 def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
     visit = Visit.of(request)
     try:
-        link = link_resolve(token)
+        link, artifact = link_file_resolve(token, path)
     except LinkRefused as error:
         artifact = _artifact_for(error.link, path) if error.link else None
         return _refuse_file(
             request, visit, Refusal.from_error(error), link=error.link, artifact=artifact
         )
-    artifact = _artifact_for(link, path)
     if artifact is None:
         return _refuse_file(request, visit, not_found(), link=link, artifact=None)
 

@@ -12,6 +12,7 @@ min(WEIGHTS_BUDGET_SLACK_BYTES, size). Real clients over real servers: test_clie
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from django.core.cache import cache
@@ -210,3 +211,17 @@ def test_sixteen_parallel_whole_file_requests_never_exceed_the_ceiling(one_copy,
     assert len(received) == 16
     assert MIB <= sum(received) <= MIB + 2 * CHUNK
     assert charged() == sum(received)
+
+
+RULE = (
+    "Bytes count once per machine: a resume, a retry or a parallel download from the same "
+    "address does not pay again for bytes this link already counted for it in the last "
+    "24 hours; another machine always pays."
+)
+
+
+def test_the_rule_is_one_sentence_on_the_landing_page_and_in_the_docs(client, one_copy):
+    page = " ".join(client.get(f"/d/{one_copy}/").content.decode().split())
+    assert RULE in page
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "downloads.md").read_text()
+    assert RULE in " ".join(docs.replace("> ", "").split())

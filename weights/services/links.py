@@ -13,6 +13,7 @@ from django.db.models import Exists, OuterRef, Subquery
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.functional import SimpleLazyObject
 
 from access.models import Grant, LicenseAcceptance, LicenseVersion
 from access.policies import LICENSE_NOT_ACCEPTED, grant_holder_decision
@@ -180,7 +181,7 @@ def link_resolve(token: str) -> DownloadLink:
         link = _links_with_access_facts().get(token_hash=tokens.token_hash(token))
     except DownloadLink.DoesNotExist:
         raise LinkInvalid(INVALID) from None
-    _check(link, in_flight=False)
+    link_check(link, in_flight=False)
     return link
 
 
@@ -194,7 +195,7 @@ def link_recheck(*, link_id: int) -> LinkRefused | None:
     except DownloadLink.DoesNotExist:
         return LinkInvalid(INVALID)
     try:
-        _check(link, in_flight=True)
+        link_check(link, in_flight=True)
     except LinkRefused as error:
         return error
     return None
@@ -216,7 +217,9 @@ def _links_with_access_facts():
     )
 
 
-def _check(link: DownloadLink, *, in_flight: bool) -> None:
+def link_check(link: DownloadLink, *, in_flight: bool) -> None:
+    """The rules every link request must satisfy; `link` carries the license facts
+    (license_version, license_accepted) read with it."""
     grant = link.grant
     if grant.revoked_at is not None:
         raise LinkRevoked(GRANT_REVOKED.format(release=grant.release), link=link)
@@ -232,7 +235,7 @@ def _check(link: DownloadLink, *, in_flight: bool) -> None:
         )
     decision = grant_holder_decision(
         grant.user,
-        grant.release,
+        SimpleLazyObject(lambda: grant.release),  # read only to name it in a refusal
         license_version=link.license_version,
         accepted=link.license_accepted,
     )
