@@ -61,7 +61,7 @@ MIDDLEWARE = [
     # Above CommonMiddleware: sees the final Content-Length before emptying a HEAD/304.
     "portal.http_middleware.BodylessResponseMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "csp.middleware.CSPMiddleware",
+    "portal.csp_middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "portal.http_middleware.CommonMiddleware",
     "portal.form_encoding.Utf8FormMiddleware",  # before anything reads request.POST

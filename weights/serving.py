@@ -33,6 +33,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 
+from portal.csp_middleware import FILE_POLICY
 from portal.http import client_ip, user_agent
 from portal.text import one_line
 from weights.checksums import CHECKLIST_NAMES
@@ -305,6 +306,7 @@ def _file_headers(
     )
     if length is not None:
         response["Content-Length"] = str(length)
+    response["Content-Security-Policy"] = FILE_POLICY
     return protect(response, cache=FILE_CACHE)
 
 

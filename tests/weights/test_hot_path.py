@@ -93,3 +93,12 @@ def test_a_long_stream_adds_one_update_per_doubling_step(client, token, events, 
     status, kinds, data = queries_of(client, file_url(token))
     assert (status, len(data)) == (200, MIB)
     assert kinds == ["SELECT"] + ["UPDATE"] * 5
+
+
+def test_files_carry_their_own_policy_and_pages_keep_the_site_policy(client, token, events):
+    response = get(client, file_url(token), HTTP_RANGE="bytes=0-9")
+    assert response["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    body(response)
+    page = client.get(f"/d/{token}/")
+    assert "script-src" in page["Content-Security-Policy"]
+    assert "sandbox" not in page["Content-Security-Policy"]
