@@ -30,6 +30,7 @@ from tests.weights.test_serving import (
     get,
     grant,  # noqa: F401 (fixture)
     hang_up,
+    publish,
     source,  # noqa: F401 (fixture)
 )
 from weights import serving
@@ -225,3 +226,21 @@ def test_the_rule_is_one_sentence_on_the_landing_page_and_in_the_docs(client, on
     assert RULE in page
     docs = (Path(__file__).resolve().parents[2] / "docs" / "downloads.md").read_text()
     assert RULE in " ".join(docs.replace("> ", "").split())
+
+
+def test_s3_resumes_from_the_same_address_are_free_and_another_address_pays(
+    client, s3_storage, releases, grant, tmp_path, settings
+):
+    """S3: each request is a fresh presigned URL for the range asked; a resume after a
+    cut re-authorises bytes this address already had authorised, so it costs nothing."""
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 0
+    publish(tmp_path, "llama-7b", "7B", seed=1)
+    url = file_url(links.link_issue(grant=grant, budget_copies=1).token)
+    assert get(client, url, REMOTE_ADDR=A).status_code == 302
+    for start in (MIB // 3, 2 * MIB // 3):
+        resumed = get(client, url, HTTP_RANGE=f"bytes={start}-", REMOTE_ADDR=A)
+        assert resumed.status_code == 302 and "range" in resumed["Location"].lower()
+    assert (charged(), forgiven()) == (MIB, MIB - MIB // 3 + MIB - 2 * MIB // 3)
+    refused = get(client, url, HTTP_RANGE=f"bytes={MIB // 2}-", REMOTE_ADDR=B)
+    assert refused.status_code == 429 and "Location" not in refused
+    assert charged() == MIB
