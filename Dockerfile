@@ -33,8 +33,8 @@ COPY deploy deploy
 # Editable: the code runs from /app (templates and the demo model live beside it).
 RUN pip install -e . \
     && python manage.py collectstatic --noinput \
-    && mkdir -p /app/var/weights /app/var/mail \
-    && chown -R portal:portal /app/var/weights /app/var/mail \
+    && mkdir -p /app/var/weights /app/var/mail /app/var/download-events \
+    && chown -R portal:portal /app/var/weights /app/var/mail /app/var/download-events \
     && chown portal:portal /app/var
 
 FROM ${NGINX_IMAGE} AS nginx

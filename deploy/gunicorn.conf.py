@@ -118,3 +118,11 @@ def real_client_address(app, allowed: list[str]):
 def post_worker_init(worker) -> None:
     # The environ the app sees is the one the access log reads, so the log shows it too.
     worker.wsgi = real_client_address(worker.wsgi, list(worker.cfg.forwarded_allow_ips))
+
+
+def worker_exit(server, worker) -> None:
+    # A stopping worker inserts its journalled download events now rather than leaving them
+    # to the next sweep; a worker that never loaded the journal module has none.
+    journal = sys.modules.get("weights.services.event_journal")
+    if journal is not None:
+        journal.journal_close()

@@ -14,6 +14,8 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 ALLOWED_HOSTS = ["testserver", "127.0.0.1", "localhost"]
 PORTAL_ADMIN_REQUIRE_2FA = True
+# Download events inserted before download_event_record returns, in the test's transaction.
+WEIGHTS_EVENT_BATCH = 1
 
 # A file, not SQLite's shared-cache memory database: live-server tests run requests in
 # threads, and shared-cache mode turns every concurrent write into an immediate error

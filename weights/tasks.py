@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from weights.services import links, maintenance
+from weights.services import event_journal, links, maintenance
 
 
 @shared_task(acks_late=True, autoretry_for=(Exception,), retry_backoff=30, max_retries=5)
@@ -32,3 +32,9 @@ def close_expired_links() -> int:
 def flag_shared_links() -> int:
     # Idempotent: only links not yet flagged are flagged.
     return maintenance.links_flag_shared()
+
+
+@shared_task
+def flush_download_events() -> int:
+    # Idempotent: each journal line carries a unique journal_id, inserted at most once.
+    return event_journal.journal_flush()

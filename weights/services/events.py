@@ -1,10 +1,23 @@
+"""Download events: one per file request, written in batches (weights.services.event_journal).
+
+The batch insert also flags a link once more than `WEIGHTS_LINK_MAX_IPS` addresses used it;
+`maintenance.links_flag_shared` re-checks periodically.
+"""
+
 from __future__ import annotations
 
-from django.conf import settings
+import uuid
+from datetime import datetime
+
 from django.contrib.auth.models import AbstractBaseUser
 from django.utils import timezone
 
-from weights.models import Artifact, DownloadEvent, DownloadLink
+from weights.models import Artifact, DownloadLink
+from weights.services import event_journal
+
+
+def _now() -> datetime:
+    return timezone.now()
 
 
 def download_event_record(
@@ -18,37 +31,21 @@ def download_event_record(
     nbytes: int,
     status_code: int,
     outcome: str,
-) -> DownloadEvent:
-    """Record one request; flag the link for reviewers once too many addresses used it."""
-    event = DownloadEvent.objects.create(
-        link=link,
-        user=user,
-        artifact=artifact,
-        ip_address=ip_address,
-        user_agent=user_agent[:300],
-        range_header=range_header[:200],
-        bytes=nbytes,
-        status_code=status_code,
-        outcome=outcome,
-    )
-    if link is not None and ip_address and link.flagged_at is None and _new_address(event):
-        addresses = (
-            DownloadEvent.objects.filter(link=link, ip_address__isnull=False)
-            .values("ip_address")
-            .distinct()
-            .count()
-        )
-        if addresses > settings.WEIGHTS_LINK_MAX_IPS:
-            DownloadLink.objects.filter(pk=link.pk, flagged_at__isnull=True).update(
-                flagged_at=timezone.now()
-            )
-    return event
-
-
-def _new_address(event: DownloadEvent) -> bool:
-    """Only a first request from an address can push a link over the limit."""
-    return not (
-        DownloadEvent.objects.filter(link_id=event.link_id, ip_address=event.ip_address)
-        .exclude(pk=event.pk)
-        .exists()
+) -> None:
+    """Journal one request, timed now. No queries: a request must not wait on the database
+    for its own accounting (unless WEIGHTS_EVENT_BATCH is 1, when the row is inserted here)."""
+    event_journal.journal_record(
+        {
+            "journal_id": str(uuid.uuid4()),
+            "created_at": _now().isoformat(),
+            "link_id": link.pk if link is not None else None,
+            "user_id": user.pk if user is not None else None,
+            "artifact_id": artifact.pk if artifact is not None else None,
+            "ip_address": ip_address or None,
+            "user_agent": user_agent[:300],
+            "range_header": range_header[:200],
+            "bytes": nbytes,
+            "status_code": status_code,
+            "outcome": outcome,
+        }
     )

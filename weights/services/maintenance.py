@@ -8,9 +8,9 @@ sweep makes that state explicit so that the admin's "Live" filter, My downloads 
 precisely that it expired and when (link_resolve knows the reason). Byte counters (LinkUsage) and download
 events are kept: they are the accounting record.
 
-Flagging shared links. The inline check in `download_event_record` flags a link once
-more than `WEIGHTS_LINK_MAX_IPS` addresses used it. The periodic re-check catches what
-that check cannot see: requests that raced past it, and a researcher spreading use
+Flagging shared links. Each batch insert of download events (event_journal) flags a
+link once more than `WEIGHTS_LINK_MAX_IPS` addresses used it. The periodic re-check
+catches what that check cannot see: batches that raced past it, and a researcher spreading use
 over several fresh links of one grant. Within `WEIGHTS_LINK_FLAG_WINDOW_HOURS` it
 flags every link used from too many addresses, and every link of a grant whose links
 together were.
