@@ -1,13 +1,25 @@
-"""`make prove`: bounded load, fault and hostile-input runs against a private stack.
+"""`make prove`: bounded load, launch-day, fault and hostile-input runs against a private stack.
 
-    .venv/bin/python -m prove [--only load,faults,hostile] [--load-seconds 60] [--no-write]
+    .venv/bin/python -m prove [--only load,launch,faults,hostile] [--load-seconds 60]
+        [--launch-grantees 500] [--no-write]
 
 Starts its own PostgreSQL, Redis and moto (S3) on free loopback ports, the portal under
 gunicorn (production settings, DEBUG off) and Celery workers as needed; never touches the
-machine's shared PostgreSQL or Redis. Each scenario prints one JSON line; the summary is
-the last line. Figures go to docs/benchmarks.md (## Load) and docs/reliability.md unless
---no-write. Every loop is bounded in count and time; the whole run stops by itself
-(PROVE_DEADLINE_S, default 600 s, after which the remaining scenarios report `not run`).
+machine's shared PostgreSQL or Redis. Scenarios (--only picks them, comma-separated):
+
+- load: the file endpoint next to the trivial view, 50 clients, in three serving modes
+  (local streaming, X-Accel, S3 redirect); prove/load_modes.py;
+- launch: launch day, 500 grantees x 8 shards x 16 ranges = 64,000 authorisations in S3
+  redirect mode, then the accounting checked (--launch-grantees N for a smaller smoke run);
+  prove/launch.py;
+- faults: a worker killed, Redis, PostgreSQL and S3 going away; prove/faults.py;
+- hostile: schemathesis and hand-written hostile requests; prove/hostile.py.
+
+Each scenario prints one JSON line; the summary is the last line. Unless --no-write, load
+and launch figures go to the `<!-- prove:run -->` block of docs/benchmarks.md (a section
+not run this time keeps its previous figures) and every status to docs/reliability.md.
+Every loop is bounded in count and time; the whole run stops by itself (PROVE_DEADLINE_S,
+default 1500 s, after which the remaining scenarios report `not run`).
 """
 
 from __future__ import annotations
@@ -21,12 +33,11 @@ import time
 import traceback
 from datetime import UTC, datetime
 
-from prove import faults, hostile, load, report
+from prove import faults, hostile, launch, load_modes, report
 from prove.stack import REPO, Stack, StackError
 
-SLUG = "llama-7b"
-SHARDS = 4
-SHARD_MB = 64
+SLUG, SHARDS, SHARD_MB = load_modes.SLUG, load_modes.SHARDS, load_modes.SHARD_MB
+DEADLINE_S = 1500
 
 
 def machine() -> str:
@@ -43,7 +54,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.started = time.monotonic()
-        self.deadline = self.started + float(os.environ.get("PROVE_DEADLINE_S", "600"))
+        self.deadline = self.started + float(os.environ.get("PROVE_DEADLINE_S", DEADLINE_S))
         self.results: list[dict] = []
         self.stack = Stack()
         self.data: dict = {}
@@ -106,8 +117,9 @@ def setup(run: Run) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prove")
-    parser.add_argument("--only", default="load,faults,hostile")
+    parser.add_argument("--only", default="load,launch,faults,hostile")
     parser.add_argument("--load-seconds", type=int, default=60)
+    parser.add_argument("--launch-grantees", type=int, default=launch.GRANTEES)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -119,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = ready.get("status") == "ok"
         skip = {"status": f"not run: setup failed ({ready.get('status')})"}
         if "load" in only:
-            run.scenario("load", load_scenario if ok else (lambda r: skip), needs_s=140)
+            need = load_modes.needs_s(args.load_seconds)
+            run.scenario("load", load_modes.load_scenario if ok else (lambda r: skip), needs_s=need)
+        if "launch" in only:
+            run.scenario("launch", launch.launch_scenario if ok else (lambda r: skip), needs_s=240)
         if "faults" in only:
             for name, fn, need in faults.SCENARIOS:
                 run.scenario(name, fn if ok else (lambda r: skip), needs_s=need)
@@ -140,73 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         report.write_docs(summary, run.results)
     emit(summary)
     return 0 if summary["all_ok"] else 1
-
-
-def load_scenario(run: Run) -> dict:
-    return load_run(run)
-
-
-def load_run(run: Run) -> dict:
-    stack = run.stack
-    seconds = run.args.load_seconds
-    server = stack.start_gunicorn(stack.env())
-    try:
-        port = server.port
-        from prove.stack import http_get
-
-        trivial_path = "/healthz" if http_get(port, "/healthz")[0] == 200 else "/_prove/trivial/"
-        tokens = [link["token"] for link in run.data["links"]]
-        shard_paths = [f"7B/consolidated.{i:02d}.pth" for i in range(SHARDS)]
-        shard_size = SHARD_MB * load.MIB
-        mix = load.portal_mix(tokens[1:], shard_paths, shard_size)
-        # every request kind must succeed once before it is timed
-        for request in mix[:3]:
-            status = http_get(port, request.path, request.headers)[0]
-            if status not in (200, 206):
-                raise RuntimeError(f"GET {request.path} answered {status} before the load")
-        workdir = stack.root
-        short = max(10, seconds // 3)
-        trivial = load.measure(
-            port, [load.Request(trivial_path)], seconds=short, clients=50, workdir=workdir
-        )
-        quiet = load.measure(port, mix, seconds=short, clients=50, workdir=workdir)
-        downloads = load.ShardDownloads(
-            port,
-            [f"/d/{tokens[0]}/{p}" for p in shard_paths],
-            shard_size,
-            count=20,
-            seconds=max(1, seconds - 5),
-        )
-        downloads.start()
-        busy = load.measure(port, mix, seconds=seconds, clients=50, workdir=workdir)
-        shard_result = downloads.join(timeout=120)
-    finally:
-        server.stop()
-    # the same mix with persistent database connections, to show what connection set-up costs
-    persistent = None
-    if run.left() > short + 200:
-        server = stack.start_gunicorn(stack.env(DATABASE_CONN_MAX_AGE="60"))
-        try:
-            persistent = load.measure(server.port, mix, seconds=short, clients=50, workdir=workdir)
-        finally:
-            server.stop()
-    ratio = busy["rps"] / trivial["rps"] if trivial["rps"] else 0.0
-    ratio_quiet = quiet["rps"] / trivial["rps"] if trivial["rps"] else 0.0
-    met = ratio >= 0.40 and busy["errors"] == 0 and shard_result["complete"] == 20
-    return {
-        "status": "ok" if met else "target missed",
-        "trivial_path": trivial_path,
-        "trivial": trivial,
-        "portal_mix_quiet": quiet,
-        "portal_mix_with_shards": busy,
-        "shard_downloads": shard_result,
-        "portal_mix_persistent_db": persistent,
-        "ratio_with_shards": round(ratio, 3),
-        "ratio_quiet": round(ratio_quiet, 3),
-        "target": ">= 0.40 of trivial rps, 0 errors, 20/20 shards complete",
-        "gunicorn": "gthread, 2 workers x 8 threads",
-        "db_conn_max_age": os.environ.get("DATABASE_CONN_MAX_AGE", "0 (portal default)"),
-    }
 
 
 if __name__ == "__main__":

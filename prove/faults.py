@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from prove.s3 import BUCKET, s3_env
 from prove.stack import REPO, StackError, http_get, http_request, wait_for
 
 SLUG = "llama-7b"
@@ -294,14 +295,7 @@ def postgres_down(run) -> dict:
 
 
 def _s3_env(run, moto_port: int) -> dict:
-    return run.stack.env(
-        WEIGHTS_STORAGE="s3",
-        WEIGHTS_S3_BUCKET="prove-weights",
-        WEIGHTS_S3_ENDPOINT_URL=f"http://127.0.0.1:{moto_port}",
-        WEIGHTS_S3_ACCESS_KEY_ID="prove",
-        WEIGHTS_S3_SECRET_ACCESS_KEY="prove-secret",  # noqa: S106 - moto accepts anything
-        WEIGHTS_S3_REGION="us-east-1",
-    )
+    return s3_env(run.stack, moto_port)
 
 
 def s3_down(run) -> dict:
@@ -311,7 +305,7 @@ def s3_down(run) -> dict:
     except StackError as exc:
         return {"status": f"not run: {exc}"}
     env = _s3_env(run, moto.port)
-    stack.internal("create_bucket", env=env, bucket="prove-weights")
+    stack.internal("create_bucket", env=env, bucket=BUCKET)
     small = stack.root / "s3-small"
     big = stack.root / "s3-big"
     for directory, shards, mb in ((small, 1, "2"), (big, 4, "24")):
@@ -372,7 +366,7 @@ def s3_down(run) -> dict:
     mid = {"status": "not run"}
     with contextlib.suppress(StackError):
         moto = stack.start_moto()
-        stack.internal("create_bucket", env=env, bucket="prove-weights")
+        stack.internal("create_bucket", env=env, bucket=BUCKET)
         proc = subprocess.Popen(  # noqa: S603
             [
                 sys.executable,
@@ -390,9 +384,7 @@ def s3_down(run) -> dict:
             stderr=subprocess.PIPE,
             text=True,
         )
-        landed = wait_for(
-            lambda: moto.tail(400).count("PUT /prove-weights/sha256") >= 1, 90, step=0.05
-        )
+        landed = wait_for(lambda: moto.tail(400).count(f"PUT /{BUCKET}/sha256") >= 1, 90, step=0.05)
         stack.stop_moto()
         try:
             out, err = proc.communicate(timeout=180)

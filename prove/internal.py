@@ -21,17 +21,23 @@ APPLICATION_FIELDS = {
 }
 
 
-def _user(username: str):
+def _researcher(username: str):
+    """A user with a verified address, as allauth leaves one after sign-up."""
     from allauth.account.models import EmailAddress
     from django.contrib.auth import get_user_model
-
-    from access.tokens import token_create
 
     email = f"{username}@uni.example.edu"
     user, _ = get_user_model().objects.get_or_create(username=username, defaults={"email": email})
     EmailAddress.objects.update_or_create(
         user=user, email=email, defaults={"verified": True, "primary": True}
     )
+    return user
+
+
+def _user(username: str):
+    from access.tokens import token_create
+
+    user = _researcher(username)
     return user, token_create(user=user, name="prove", second_factor=False).secret
 
 
@@ -80,6 +86,48 @@ def granted_links(*, prefix: str, count: int, slug: str, budget_copies: int) -> 
         issued = link_issue(grant=grant, budget_copies=budget_copies)
         out.append({"user": user.username, "api_token": api_token, "token": issued.token})
     return {"links": out}
+
+
+def launch_links(*, prefix: str, count: int, slug: str, budget_copies: int) -> dict:
+    """`count` grantees of `slug`, each submitted, approved and given one link of
+    `budget_copies` through the same services as granted_links, without the API token
+    nobody uses here; and the release's shards (path, size), the files they will fetch."""
+    from weights.models import Artifact
+    from weights.services.links import link_issue
+
+    tokens = []
+    for i in range(count):
+        user = _researcher(f"{prefix}{i}")
+        (grant,) = _approve(_submit(user, _draft(user, slug)), slug)
+        tokens.append(link_issue(grant=grant, budget_copies=budget_copies).token)
+    shards = Artifact.objects.filter(release__slug=slug, path__contains="/consolidated.")
+    return {"tokens": tokens, "shards": list(shards.order_by("path").values("path", "size"))}
+
+
+def launch_accounting(*, slug: str, paths: list[str]) -> dict:
+    """What the launch charged: one query over LinkUsage for the live links of `slug`
+    (each (link, shard) must be charged exactly the shard's size) and the events recorded."""
+    from django.db.models import Count, F, Q, Sum
+
+    from weights.models import DownloadEvent, LinkUsage
+
+    usage = LinkUsage.objects.filter(
+        link__grant__release__slug=slug, link__revoked_at__isnull=True, artifact__path__in=paths
+    ).aggregate(
+        pairs=Count("pk"),
+        exact=Count("pk", filter=Q(bytes_charged=F("artifact__size"))),
+        over=Count("pk", filter=Q(bytes_charged__gt=F("artifact__size"))),
+        under=Count("pk", filter=Q(bytes_charged__lt=F("artifact__size"))),
+        bytes_charged=Sum("bytes_charged"),
+        bytes_forgiven=Sum("bytes_forgiven"),
+        bytes_expected=Sum("artifact__size"),
+    )
+    events = DownloadEvent.objects.filter(link__grant__release__slug=slug).aggregate(
+        rows=Count("pk"),
+        redirected=Count("pk", filter=Q(status_code=302, outcome=DownloadEvent.Outcome.REDIRECTED)),
+        bytes=Sum("bytes"),
+    )
+    return {"usage": usage, "events": events}
 
 
 def reviewer_token() -> dict:
@@ -201,6 +249,8 @@ COMMANDS = {
     f.__name__: f
     for f in (
         granted_links,
+        launch_links,
+        launch_accounting,
         reviewer_token,
         drafts,
         submit_and_approve,

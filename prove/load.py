@@ -1,9 +1,10 @@
-"""Load: the download landing page and file endpoint next to a trivial Django view.
+"""Load clients and request mixes: the file endpoint next to a trivial Django view.
 
 Client: `wrk` when installed (C, event loop: it costs little of the two shared cores),
 else a thread pool of keep-alive http.client connections. Either way the trivial view is
-measured with the same client in the same run, so a client bottleneck would show as a low
-trivial figure, not as a low ratio.
+measured with the same client in the same server run, so a client bottleneck would show
+as a low trivial figure, not as a low ratio. `run_once` sends a fixed list of requests
+exactly once (the launch-day scenario), where the cyclic clients loop for a duration.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import statistics
 import subprocess
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
 RANGE_BYTES = 64 * 1024
+Expect = frozenset[int] | None  # the statuses that count as success; None: below 400
 
 
 @dataclass
@@ -30,16 +34,14 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def portal_mix(tokens: list[str], shard_paths: list[str], shard_size: int, n: int = 600):
-    """Landing pages, small file GETs (params.json, checklist) and Range GETs into shards."""
+def file_mix(tokens: list[str], shard_paths: list[str], shard_size: int, n: int = 600):
+    """The file endpoint as a download client uses it: small file GETs (params.json) and
+    64 KiB Range GETs at random offsets into the shards, half and half."""
     rng = random.Random(7)
     requests = []
     for i in range(n):
         token = tokens[i % len(tokens)]
-        kind = i % 3
-        if kind == 0:
-            requests.append(Request(f"/d/{token}/"))
-        elif kind == 1:
+        if i % 2 == 0:
             requests.append(Request(f"/d/{token}/7B/params.json"))
         else:
             start = rng.randrange(0, shard_size - RANGE_BYTES)
@@ -50,6 +52,11 @@ def portal_mix(tokens: list[str], shard_paths: list[str], shard_size: int, n: in
                 )
             )
     return requests
+
+
+def landing_mix(tokens: list[str]) -> list[Request]:
+    """The download landing page of each link (an HTML page with the file table)."""
+    return [Request(f"/d/{token}/") for token in tokens]
 
 
 def _lua(requests: list[Request]) -> str:
@@ -140,26 +147,31 @@ def run_wrk(port: int, requests: list[Request], *, seconds: int, clients: int, w
     }
 
 
-def run_python(port: int, requests: list[Request], *, seconds: int, clients: int):
-    """Fallback client: one keep-alive connection per thread, statuses checked."""
+Pick = Callable[[int], Request | None]  # client number -> its next request, None: done
+
+
+def _drive(port: int, pick: Pick, *, seconds: float, clients: int, expect: Expect) -> dict:
+    """`clients` threads, one keep-alive connection each, asking for `pick(k)` until it says
+    None or time is up; a status not in `expect` (default: any below 400) is an error."""
+    ok = (lambda status: status in expect) if expect else (lambda status: status < 400)
     deadline = time.monotonic() + seconds
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
+    statuses: list[Counter] = [Counter() for _ in range(clients)]
 
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        i = k * 97
-        while time.monotonic() < deadline:
-            r = requests[i % len(requests)]
-            i += 1
+        while time.monotonic() < deadline and (r := pick(k)) is not None:
             t0 = time.perf_counter()
             try:
                 conn.request("GET", r.path, headers=r.headers)
                 resp = conn.getresponse()
                 resp.read()
-                if resp.status >= 400:
+                statuses[k][resp.status] += 1
+                if not ok(resp.status):
                     errors[k] += 1
             except (OSError, http.client.HTTPException):
+                statuses[k][0] += 1
                 errors[k] += 1
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -179,6 +191,7 @@ def run_python(port: int, requests: list[Request], *, seconds: int, clients: int
         "requests": len(flat),
         "rps": round(len(flat) / duration, 1),
         "errors": sum(errors),
+        "statuses": {str(code): n for code, n in sorted(sum(statuses, Counter()).items())},
         "p50_ms": round(q[49] * 1000, 2),
         "p95_ms": round(q[94] * 1000, 2),
         "p99_ms": round(q[98] * 1000, 2),
@@ -186,10 +199,49 @@ def run_python(port: int, requests: list[Request], *, seconds: int, clients: int
     }
 
 
-def measure(port: int, requests: list[Request], *, seconds: int, clients: int, workdir: Path):
+def run_python(
+    port: int, requests: list[Request], *, seconds: int, clients: int, expect: Expect = None
+) -> dict:
+    """Fallback client: each thread cycles through `requests` from its own offset."""
+    position = [k * 97 for k in range(clients)]
+
+    def pick(k: int) -> Request:
+        position[k] += 1
+        return requests[position[k] % len(requests)]
+
+    return _drive(port, pick, seconds=seconds, clients=clients, expect=expect)
+
+
+def run_once(
+    port: int, requests: list[Request], *, seconds: float, clients: int, expect: Expect = None
+) -> dict:
+    """Each request exactly once, in the given order, shared by `clients` threads; stops
+    early at `seconds`. `seconds` in the result is the time until the last one answered."""
+    queue = iter(requests)
+    lock = threading.Lock()
+
+    def pick(k: int) -> Request | None:
+        with lock:
+            return next(queue, None)
+
+    result = _drive(port, pick, seconds=seconds, clients=clients, expect=expect)
+    return {**result, "planned": len(requests), "complete": result["requests"] == len(requests)}
+
+
+def measure(
+    port: int,
+    requests: list[Request],
+    *,
+    seconds: int,
+    clients: int,
+    workdir: Path,
+    expect: Expect = None,
+):
+    """wrk when installed (it counts statuses >= 400 as errors), else the thread client,
+    which also checks `expect`."""
     if shutil.which("wrk"):
         return run_wrk(port, requests, seconds=seconds, clients=clients, workdir=workdir)
-    return run_python(port, requests, seconds=seconds, clients=clients)
+    return run_python(port, requests, seconds=seconds, clients=clients, expect=expect)
 
 
 class ShardDownloads:

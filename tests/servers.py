@@ -1,10 +1,13 @@
 """Real servers for tests: a free port, the test database for a subprocess, processes
-started in a session of their own and stopped with all their children, and a wait."""
+started in a session of their own and stopped with all their children, a wait, and nginx
+with the deployed conf in front of a gunicorn."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT_S = 20  # from SIGTERM to SIGKILL: gunicorn and celery shut down gracefully
 LOG_TAIL = 3000
+NGINX_CONF = ROOT / "deploy" / "nginx" / "default.conf"
 
 
 def free_port() -> int:
@@ -104,3 +108,66 @@ def wait_for(
         time.sleep(0.3)
     tail = log.read_text()[-LOG_TAIL:] if log is not None and log.exists() else ""
     pytest.fail(f"{what} {reason}\n{tail}")
+
+
+def nginx_binary() -> str | None:
+    """nginx on PATH, or where Debian installs it (/usr/sbin is not on every PATH)."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+@contextlib.contextmanager
+def nginx_running(
+    nginx: str,
+    upstream_port: int,
+    tmp: Path,
+    weights: Path,
+    *,
+    address: str = "127.0.0.1",
+    port: int | None = None,
+) -> Iterator[int]:
+    """deploy/nginx/default.conf, with only addresses and host paths changed, in front of
+    the gunicorn on `upstream_port`, listening on `address`:`port` (a free port unless
+    given); its logs go under `tmp`. Yields nginx's port."""
+    port = port or free_port()
+    static = tmp / "static"
+    (static / "portal").mkdir(parents=True, exist_ok=True)
+    (static / "portal" / "probe.css").write_text("body{}")
+    conf = NGINX_CONF.read_text()
+    for old, new in (
+        ("listen 80 default_server;", f"listen {address}:{port} default_server;"),
+        ("server web:8000;", f"server 127.0.0.1:{upstream_port};"),
+        ("alias /srv/static/;", f"alias {static}/;"),
+        ("alias /srv/weights/;", f"alias {weights}/;"),
+        ("access_log /dev/stdout portal_json;", f"access_log {tmp}/nginx-access.log portal_json;"),
+    ):
+        assert conf.count(old) == 1, f"default.conf no longer has {old!r}"
+        conf = conf.replace(old, new)
+    (tmp / "portal.conf").write_text(conf)
+    temp = tmp / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (tmp / "nginx.conf").write_text(
+        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/nginx-error.log;\n"
+        "events { worker_connections 64; }\nhttp {\n  include /etc/nginx/mime.types;\n"
+        + "".join(
+            f"  {kind}_temp_path {temp}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + f"  include {tmp}/portal.conf;\n}}\n"
+    )
+    command = [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
+    tested = subprocess.run([*command, "-t"], capture_output=True, text=True, check=False)
+    assert tested.returncode == 0, tested.stderr
+    log = tmp / "nginx.log"
+    with started([*command, "-g", "daemon off;"], env=process_env({}), log=log):
+        wait_for(lambda: _healthy(address, port), "nginx", log=log, timeout=10)
+        yield port
+
+
+def _healthy(address: str, port: int) -> bool:
+    connection = http.client.HTTPConnection(address, port, timeout=10)
+    try:
+        connection.request("GET", "/nginx-health")
+        return connection.getresponse().status == 200
+    finally:
+        connection.close()

@@ -3,7 +3,7 @@
 Usage::
 
     python -m weights.download URL [--dest DIR] [--include GLOB ...] [--jobs N]
-                               [--retries N] [--quiet]
+                               [--retries N] [--limit-rate RATE] [--quiet]
 
 URL is the link from the email: the landing page ``https://host/d/<token>/``, its
 ``manifest.json``, or the classic ``https://host/d/<token>/*`` form. The downloader reads the
@@ -14,7 +14,9 @@ a ``.part`` is already there, hashed while it streams, and renamed to its final 
 its SHA-256 matches the manifest. Files already present with the right SHA-256 are skipped
 without a request; an empty file needs none either: its ``.part`` is created empty and goes
 through the same check. Transient errors (refused or reset connections, timeouts, truncated
-bodies, 5xx) are retried with exponential backoff, resuming where the transfer stopped. A
+bodies, 5xx) are retried with exponential backoff, resuming where the transfer stopped.
+``--limit-rate`` (bytes per second, with wget's suffixes: ``500k``, ``16M``) caps the whole run,
+every parallel file together, so a download leaves room on the network for other work. A
 refusal from the portal (expired, revoked, budget spent, invalid link) stops everything at once:
 the server's explanation is printed and partial files stay in place for a later resume.
 
@@ -59,7 +61,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -99,6 +101,8 @@ USER_AGENT = f"llama-portal-downloader/{__version__} (python-urllib)"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _LINK = re.compile(r"^(?P<base>.*?/d/[^/]+)(?:/.*)?$")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)$", re.IGNORECASE)
+RATE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}  # wget's: powers of 1024
 
 
 # --------------------------------------------------------------------------- errors
@@ -636,6 +640,40 @@ def check_disk_space(dest: Path, needed: int) -> None:
 # --------------------------------------------------------------------------- transfer
 
 
+def parse_rate(value: str) -> int:
+    """Bytes per second from `16M`, `500k`, `1.5m` or `65536` (suffixes as wget's)."""
+    match = _RATE.match(value.strip())
+    if match is None:
+        raise ValueError(f"not a rate in bytes per second: {value!r} (e.g. 500k, 16M)")
+    rate = int(float(match[1]) * RATE_UNITS[match[2].lower()])
+    if rate < 1:
+        raise ValueError("the rate must be at least 1 byte per second")
+    return rate
+
+
+class RateLimit:
+    """At most `rate` bytes per second for the whole run, shared by every parallel file.
+
+    Each chunk received moves one shared due time on by its size / rate, and the receiver
+    waits until then before reading on: the files together keep to the rate, and time spent
+    idle earns no burst. Reads are cut to about a twentieth of a second's worth, so the
+    bytes arrive evenly rather than a whole buffer at a time."""
+
+    def __init__(self, rate: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.read_size = max(4096, min(CHUNK_SIZE, rate // 20))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._due = 0.0
+
+    def delay(self, nbytes: int) -> float:
+        """Seconds to wait, having just received `nbytes`."""
+        with self._lock:
+            now = self._clock()
+            self._due = max(self._due, now) + nbytes / self.rate
+            return self._due - now
+
+
 @dataclass
 class Options:
     retries: int = 5
@@ -644,6 +682,7 @@ class Options:
     chunk_size: int = CHUNK_SIZE
     verify: bool = True  # only the benchmark turns this off, to time the transfer alone
     hash_thread: bool = True  # hash on a second thread, overlapping the transfer
+    limit: RateLimit | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -813,11 +852,12 @@ def _copy(
     reporter: Reporter,
 ) -> None:
     size = job.remote.size
+    read_size = opts.limit.read_size if opts.limit is not None else opts.chunk_size
     while job.offset < size:
         if opts.cancel.is_set():
             raise Cancelled()
         buffer = buffers.buffer()
-        view = memoryview(buffer)[: min(len(buffer), size - job.offset)]
+        view = memoryview(buffer)[: min(len(buffer), read_size, size - job.offset)]
         try:
             n = response.readinto(view)
         except (OSError, http.client.HTTPException) as exc:
@@ -834,6 +874,8 @@ def _copy(
         buffers.submit(buffer, n)
         job.offset += n
         reporter.advance(job.remote.path, n)
+        if opts.limit is not None and opts.cancel.wait(opts.limit.delay(n)):
+            raise Cancelled()
 
 
 def _finalise(job: Job, opts: Options) -> None:
@@ -1005,6 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries", type=_non_negative, default=5, help="retries per file (default: 5)"
     )
+    parser.add_argument(
+        "--limit-rate",
+        type=_rate,
+        metavar="RATE",
+        help="at most RATE bytes per second for the whole run, all files together; "
+        "suffixes k, M, G as with wget (500k, 16M; default: no limit)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print errors and the summary only")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -1015,6 +1064,13 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
+
+
+def _rate(value: str) -> int:
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative(value: str) -> int:
@@ -1051,6 +1107,8 @@ def main(argv: Sequence[str] | None = None, *, opts: Options | None = None) -> i
     args = build_parser().parse_args(argv)
     opts = opts or Options()
     opts.retries = args.retries
+    if args.limit_rate is not None:
+        opts.limit = RateLimit(args.limit_rate)
     token = ""
     try:
         link = parse_link(args.url)

@@ -370,6 +370,10 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
+class StreamStopped(Exception):
+    """Raised into the WSGI server to make it drop the connection of a stream cut short."""
+
+
 class MeteredStream:
     """Yields the bytes of `flow`'s range in chunks, charging them a step ahead
     (FlowingCharge), and settles exactly once, on close(), even when iteration never began:
@@ -418,6 +422,11 @@ class MeteredStream:
             yield chunk
             self.sent += len(chunk)
             remaining -= len(chunk)
+        if remaining > 0 and not self._closed:
+            # Content-Length promised more: only a closed connection tells the client that
+            # the body is short (it then resumes, or reads the refusal on its next request),
+            # where a kept-alive one would leave it waiting for bytes that never come.
+            raise StreamStopped(f"stopped after {self.sent} of {self.length} bytes")
 
     def close(self) -> None:
         if self._closed:

@@ -32,7 +32,7 @@ from django.conf import settings
 from django.urls import reverse
 
 from tests.conftest import skip_unless_required
-from tests.servers import free_port, process_env, started, wait_for
+from tests.servers import free_port, nginx_running, process_env, started, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -600,46 +600,6 @@ def issue_demo_link(env: dict[str, str]) -> str:
     return re.search(r"^TOKEN=(\S+)$", result.stdout, re.M)[1]
 
 
-@contextlib.contextmanager
-def nginx_running(nginx: str, upstream_port: int, tmp: Path, weights: Path) -> Iterator[int]:
-    """deploy/nginx/default.conf, with only addresses and host paths changed, in front of
-    the gunicorn on `upstream_port`; its logs go under `tmp`. Yields nginx's port."""
-    port = free_port()
-    static = tmp / "static"
-    (static / "portal").mkdir(parents=True, exist_ok=True)
-    (static / "portal" / "probe.css").write_text("body{}")
-    conf = NGINX_CONF
-    for old, new in (
-        ("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;"),
-        ("server web:8000;", f"server 127.0.0.1:{upstream_port};"),
-        ("alias /srv/static/;", f"alias {static}/;"),
-        ("alias /srv/weights/;", f"alias {weights}/;"),
-        ("access_log /dev/stdout portal_json;", f"access_log {tmp}/nginx-access.log portal_json;"),
-    ):
-        assert conf.count(old) == 1, f"default.conf no longer has {old!r}"
-        conf = conf.replace(old, new)
-    (tmp / "portal.conf").write_text(conf)
-    temp = tmp / "nginx-temp"
-    temp.mkdir(exist_ok=True)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (tmp / "nginx.conf").write_text(
-        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/nginx-error.log;\n"
-        "events { worker_connections 64; }\nhttp {\n  include /etc/nginx/mime.types;\n"
-        + "".join(
-            f"  {kind}_temp_path {temp}/{kind};\n"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        + f"  include {tmp}/portal.conf;\n}}\n"
-    )
-    command = [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
-    tested = subprocess.run([*command, "-t"], capture_output=True, text=True, check=False)
-    assert tested.returncode == 0, tested.stderr
-    log = tmp / "nginx.log"
-    with started([*command, "-g", "daemon off;"], env=process_env({}), log=log):
-        wait_for(lambda: _answers(port, "/nginx-health"), "nginx", log=log, timeout=10)
-        yield port
-
-
 def run_nginx_in_front(
     nginx: str, upstream_port: int, tmp: Path, host: dict, token: str
 ) -> list[str]:
@@ -687,13 +647,6 @@ def run_nginx_in_front(
     gunicorn_log = (tmp / "gunicorn.log").read_text()
     assert re.search(r'^127\.0\.0\.1 "GET /d/<token>/params\.json', gunicorn_log, re.M)
     return access.splitlines()
-
-
-def _answers(port: int, path: str) -> bool:
-    try:
-        return get(port, path, {})[0] == 200
-    except OSError:
-        return False
 
 
 def link_spellings(token: str) -> list[tuple[str, int]]:

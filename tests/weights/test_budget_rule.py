@@ -1,11 +1,11 @@
 """The rule for what a download costs (docs/downloads.md, "What a download costs").
 
 Bytes are charged as the portal sends them (local) or authorises them (X-Accel, S3). An
-address re-asking for bytes it was already charged for gets them free (streamed by the
-portal: at most WEIGHTS_BUDGET_SLACK_BYTES per request, what a cut can leave in network
-buffers; authorised: the overlap), up to WEIGHTS_RESUME_FREE_COPIES copies' worth per
-file; another address always pays; each file allows N copies plus a slack of
-min(WEIGHTS_BUDGET_SLACK_BYTES, size). Real clients over real servers: test_client_matrix.py.
+address re-asking for bytes it was already charged for gets them free, up to
+WEIGHTS_RESUME_FREE_COPIES copies' worth per file; another address always pays; each file
+allows N copies plus a slack of min(WEIGHTS_BUDGET_SLACK_BYTES, size); a request that
+cannot finish within what is left is refused before it starts. Real clients over real
+servers: test_client_matrix.py.
 """
 
 # ruff: noqa: F811 (the fixtures imported from test_serving are used as arguments)
@@ -68,6 +68,13 @@ def cut_after(client, url: str, chunks: int, **headers) -> bytes:
     return received
 
 
+def read_until_stopped_data(response) -> list[bytes]:
+    chunks: list[bytes] = []
+    with pytest.raises(serving.StreamStopped):
+        chunks.extend(response.streaming_content)
+    return chunks
+
+
 def test_a_resume_from_the_same_address_does_not_pay_twice_for_what_a_cut_lost(
     client,
     one_copy,
@@ -119,27 +126,52 @@ def test_two_machines_sharing_a_one_copy_link_get_one_copy_plus_the_slack(
     assert charged() == MIB
 
 
-def test_a_stream_frees_only_what_a_cut_can_leave_in_flight(
-    client,
-    one_copy,
-    source,
-    settings,
-    monkeypatch,
+def test_a_request_that_cannot_finish_within_the_budget_is_refused_before_any_byte(
+    client, one_copy, source, settings
 ):
-    """Streamed by the portal, a re-request of bytes already sent is free only up to
-    WEIGHTS_BUDGET_SLACK_BYTES per request: a second whole copy is not a resume. It
-    streams until the budget is spent, then stops short."""
+    """Half a copy to A; then B asks for the whole file: B would need a whole copy with
+    half a copy and the slack left, so B is refused up front; B's half fits."""
     settings.WEIGHTS_BUDGET_SLACK_BYTES = 3 * CHUNK
-    monkeypatch.setattr(budget, "FIRST_STEP", CHUNK)
-    monkeypatch.setattr(budget, "CONTINUE_TRIES", 1)
     url = file_url(one_copy)
     half = get(client, url, HTTP_RANGE=f"bytes=0-{MIB // 2 - 1}", REMOTE_ADDR=A)
     assert len(body(half)) == MIB // 2
-    received = body(get(client, url, REMOTE_ADDR=A))
-    assert len(received) < MIB
-    assert DownloadEvent.objects.order_by("pk").last().outcome == "budget"
-    assert forgiven() == 3 * CHUNK
-    assert MIB // 2 + len(received) - 3 * CHUNK == charged() <= MIB + 3 * CHUNK
+    assert get(client, url, REMOTE_ADDR=B).status_code == 429
+    assert (charged(), forgiven()) == (MIB // 2, 0)
+    rest = get(client, url, HTTP_RANGE=f"bytes={MIB // 2}-", REMOTE_ADDR=B)
+    assert len(body(rest)) == MIB // 2
+    assert (charged(), forgiven()) == (MIB, 0)
+
+
+def test_a_machine_downloading_again_is_free_up_to_the_cap(client, one_copy, source, settings):
+    """aria2c killed before it saved its progress starts again from byte 0: the same
+    machine re-asks for bytes it was sent. Free, up to 2 copies' worth per file; then paid."""
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 0
+    data = (source / SHARD).read_bytes()
+    url = file_url(one_copy)
+    for _ in range(3):
+        assert body(get(client, url, REMOTE_ADDR=A)) == data
+    assert (charged(), forgiven()) == (MIB, 2 * MIB)
+    assert get(client, url, REMOTE_ADDR=A).status_code == 429
+
+
+def test_two_streams_admitted_together_cannot_pass_the_ceiling(
+    client, one_copy, source, settings, monkeypatch
+):
+    """Two machines start at the same moment on a one-copy link: both fit when they start,
+    so both are admitted; the one that reaches the ceiling second stops there, and its
+    connection is dropped so that its client does not wait for the rest."""
+    settings.WEIGHTS_BUDGET_SLACK_BYTES = 2 * CHUNK
+    monkeypatch.setattr(budget, "FIRST_STEP", CHUNK)
+    monkeypatch.setattr(budget, "CONTINUE_TRIES", 1)
+    url = file_url(one_copy)
+    first, second = get(client, url, REMOTE_ADDR=A), get(client, url, REMOTE_ADDR=B)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert body(first) == (source / SHARD).read_bytes()
+    cut = read_until_stopped_data(second)
+    assert 0 < sum(len(c) for c in cut) <= 2 * CHUNK
+    assert charged() == MIB + sum(len(c) for c in cut) <= MIB + 2 * CHUNK
+    stopped = DownloadEvent.objects.order_by("pk").last()
+    assert (stopped.ip_address, stopped.outcome) == (B, "budget")
 
 
 def test_authorised_ranges_are_free_again_to_the_same_address_up_to_the_cap(
@@ -244,3 +276,22 @@ def test_s3_resumes_from_the_same_address_are_free_and_another_address_pays(
     refused = get(client, url, HTTP_RANGE=f"bytes={MIB // 2}-", REMOTE_ADDR=B)
     assert refused.status_code == 429 and "Location" not in refused
     assert charged() == MIB
+
+
+def test_overlap_counts_each_covered_byte_once_and_never_less_than_zero():
+    """Spans after, before, inside and across the one measured (aria2c's segments are
+    spans wholly after the first request's)."""
+    import random
+
+    assert budget.overlap((0, 100), [(200, 300)]) == 0
+    assert budget.overlap((200, 300), [(0, 100)]) == 0
+    rng = random.Random(10)
+    for _ in range(2000):
+        start = rng.randrange(0, 500)
+        span = (start, start + rng.randrange(0, 300))
+        spans = []
+        for _ in range(rng.randrange(0, 6)):
+            s = rng.randrange(0, 900)
+            spans.append((s, s + rng.randrange(0, 200)))
+        covered = {b for s, e in spans for b in range(s, e)}
+        assert budget.overlap(span, spans) == len(covered & set(range(*span)))

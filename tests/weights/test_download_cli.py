@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections import namedtuple
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tests.servers import free_port
 from weights import download
 from weights.download import Options, main
 
+MIB = 1024 * 1024
 TOKEN = "Tk9xQ2Lr7VbN3mWc8ZpF0aYs5HdJ6uEi"  # 32 url-safe characters, like the portal's
 
 
@@ -383,6 +385,49 @@ def test_a_cut_behind_a_redirect_resumes_with_range_at_the_storage(portal, files
     storage = [r for r in portal.requests if r[0].startswith("storage:")]
     assert storage == [("storage:" + BIG, ""), ("storage:" + BIG, "bytes=1234567-")]
     assert portal.served[BIG] == len(files[BIG])
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"),
+    [
+        ("65536", 65536),
+        ("500k", 512_000),
+        ("16M", 16 * MIB),
+        ("1.5m", 1_572_864),
+        ("2G", 2048 * MIB),
+    ],
+)
+def test_limit_rate_reads_wgets_suffixes(value, rate):
+    args = download.build_parser().parse_args(
+        [f"https://p.example/d/{TOKEN}/", "--limit-rate", value]
+    )
+    assert args.limit_rate == rate
+
+
+@pytest.mark.parametrize("value", ["fast", "16MB", "-5k", "0", ""])
+def test_a_bad_limit_rate_is_a_usage_error(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([f"https://p.example/d/{TOKEN}/", "--dest", str(tmp_path), "--limit-rate", value])
+    assert exited.value.code == download.EXIT_USAGE
+    assert "--limit-rate" in capsys.readouterr().err
+
+
+def test_the_limit_holds_for_the_whole_run_across_parallel_files(portal, files, tmp_path):
+    small = ["7B/params.json", "7B/checklist.chk", "tokenizer.model"]
+    nbytes = sum(len(files[path]) for path in small)
+    rate = 25_600  # about 2 s for the ~50 kB: a limit per file would take a third of that
+    includes = [arg for path in small for arg in ("--include", path)]
+
+    started = time.monotonic()
+    code = run_cli(portal.landing, tmp_path, *includes, "--jobs", "3", "--limit-rate", str(rate))
+    elapsed = time.monotonic() - started
+
+    assert code == 0
+    assert_files(tmp_path, files, small)
+    assert elapsed >= nbytes / rate - 0.1, elapsed
 
 
 # --------------------------------------------------------------------------- refusals

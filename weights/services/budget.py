@@ -8,7 +8,8 @@ free bytes are capped at WEIGHTS_RESUME_FREE_COPIES copies' worth per file, and 
 has a small slack over N copies (WEIGHTS_BUDGET_SLACK_BYTES, at most the file's size) for
 the bytes a cut leaves in network buffers when the resume comes from another address.
 Another address never gets bytes for free, so a link shared between machines stops at N
-copies plus the slack.
+copies plus the slack. A request is admitted only if its whole range fits in what is
+left, so a stream is cut short only when two start together on the last copy.
 
 Every charge is one conditional UPDATE (`bytes_charged <= ceiling - n`), so parallel
 requests race safely. What an address already has lives in the cache as "leases": one
@@ -47,11 +48,6 @@ def budget_slack(artifact: Artifact) -> int:
     return min(settings.WEIGHTS_BUDGET_SLACK_BYTES, artifact.size)
 
 
-def in_flight_bytes(artifact: Artifact) -> int:
-    """The most a cut can leave in network buffers (bytes written, never received)."""
-    return budget_slack(artifact)
-
-
 def budget_ceiling(link: DownloadLink, artifact: Artifact) -> int:
     """The most a link may ever be charged for a file: N copies plus the slack."""
     return budget_limit(link, artifact) + budget_slack(artifact)
@@ -85,10 +81,11 @@ _UPDATE = (
 )
 
 
-def _update(link: DownloadLink, artifact: Artifact, paid: int, free: int) -> bool:
+def _update(link: DownloadLink, artifact: Artifact, paid: int, free: int, need: int) -> bool:
     """The conditional UPDATE, written out: it runs on every step of every download, and
     the ORM takes ten times longer to compose it than the database takes to run it."""
-    ceiling, free_cap = budget_ceiling(link, artifact) - paid, free_ceiling(artifact) - free
+    ceiling = budget_ceiling(link, artifact) - max(paid, need)
+    free_cap = free_ceiling(artifact) - free
     with connection.cursor() as cursor:
         cursor.execute(
             _UPDATE.format(table=LinkUsage._meta.db_table),
@@ -108,18 +105,21 @@ def _ensure_usage(link: DownloadLink, artifact: Artifact) -> bool:
     return created
 
 
-def charge(*, link: DownloadLink, artifact: Artifact, paid: int, free: int = 0) -> bool:
-    """Charge `paid` bytes and count `free` ones, atomically; False when the budget (or the
-    cap on free bytes, then as paid bytes) cannot take them."""
-    if paid <= 0 and free <= 0:
+def charge(
+    *, link: DownloadLink, artifact: Artifact, paid: int, free: int = 0, need: int = 0
+) -> bool:
+    """Charge `paid` bytes and count `free` ones, atomically, if the budget has room for
+    `need` bytes (what the whole request will cost: a stream that cannot finish is refused
+    before it starts); False when it has not (or the cap on free bytes is reached, and the
+    budget cannot take them as paid bytes either)."""
+    if paid <= 0 and free <= 0 and need <= 0:
         return True
-    if _update(link, artifact, paid, free):
+    if _update(link, artifact, paid, free, need):
         return True
-    # The cap on free bytes is reached: what would have been free is paid for.
-    if free > 0 and _update(link, artifact, paid + free, 0):
+    if free > 0 and _update(link, artifact, paid + free, 0, need + free):
         return True
     return _ensure_usage(link, artifact) and charge(
-        link=link, artifact=artifact, paid=paid, free=free
+        link=link, artifact=artifact, paid=paid, free=free, need=need
     )
 
 
@@ -186,11 +186,10 @@ def overlap(span: Span, spans: Iterable[Span]) -> int:
     covered = 0
     cursor = start
     for s, e in sorted((max(s, start), min(e, end)) for s, e in spans):
-        if e <= cursor:
-            continue
         s = max(s, cursor)
-        covered += e - s
-        cursor = e
+        if e > s:
+            covered += e - s
+            cursor = e
     return covered
 
 
@@ -226,7 +225,6 @@ class FlowingCharge:
     end: int
     charged_to: int = 0
     step: int = FIRST_STEP
-    free: int = 0
     _last_span: Span = (0, 0)
     _last_paid: int = 0
     _last_others: tuple[Span, ...] = ()
@@ -245,19 +243,18 @@ class FlowingCharge:
             charged_to=start,
             step=FIRST_STEP,
         )
-        return flow if flow._charge_step() else None
+        return flow if flow._charge_step(first=True) else None
 
-    def _charge_step(self) -> bool:
+    def _charge_step(self, *, first: bool = False) -> bool:
         span = (self.charged_to, min(self.end, self.charged_to + self.step))
         others = tuple(self.leases.others())
-        # What the portal sent itself was written to the socket, so a client can only be
-        # missing what a cut left in network buffers: at most IN_FLIGHT bytes per stream.
-        free = min(overlap(span, others), max(0, in_flight_bytes(self.artifact) - self.free))
+        free = overlap(span, others)
         paid = span[1] - span[0] - free
-        if not charge(link=self.link, artifact=self.artifact, paid=paid, free=free):
+        # Admitted only if the whole range fits now; then charged step by step.
+        need = self.end - self.start - overlap((self.start, self.end), others) if first else 0
+        if not charge(link=self.link, artifact=self.artifact, paid=paid, free=free, need=need):
             return False
         self._last_span, self._last_paid, self._last_others = span, paid, others
-        self.free += free
         self.charged_to = span[1]
         self.step = min(self.step * 2, MAX_STEP)
         return True
