@@ -1,4 +1,4 @@
-"""Download benchmark: `python -m weights.bench [--size-mb 1024] [--runs 3] [--record FILE]`.
+"""Download benchmark: `python -m weights.bench [--size-mb 1024] [--runs 3] [--only M,M] [--record FILE]`.
 
 Builds a throw-away portal under a temporary directory (SQLite, local storage), publishes a
 generated single-shard release of --size-mb MiB, approves a researcher and issues a link through
@@ -10,8 +10,13 @@ loopback, and measures:
    bytes), and next to the downloader CLI (writes `.part`, hashes, renames);
 2. resume: the CLI is killed at about half the file, then run again; the portal's own
    DownloadEvents say which range the resume asked for and how many bytes each request sent;
-3. verification cost: CLI time with SHA-256 verification next to the same CLI with it off.
+3. verification cost: CLI time with SHA-256 verification next to the same CLI with it off;
+4. cuts: on a fresh one-copy link, each rate-limited resuming client (curl, wget, the CLI) is
+   SIGKILLed at 1/4, 2/4 and 3/4 of the file and run again; LinkUsage says what was charged
+   against what the client had on disk (the bytes kernel buffers swallowed at each cut);
+5. aria2c: `aria2c -x16` on fresh one-copy and five-copy links, whose rates should match.
 
+`--only cuts,aria2c` runs only those (names: throughput, verification, resume, cuts, aria2c).
 Medians of --runs runs. Prints the figures; the last line is a JSON object. This is a
 benchmark, not a test: it takes about a minute and needs ~4x --size-mb of free disk.
 """
@@ -47,6 +52,8 @@ MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 SLUG = "llama-bench"
 SHARD = "7B/consolidated.00.pth"
+BUDGET_USER = "bench-budget"  # the researcher whose fresh links the budget measures use
+SLACK = 16 * MIB  # WEIGHTS_BUDGET_SLACK_BYTES as the bench's portal runs (the default)
 GUNICORN_ARGS = ["--workers", "3", "--timeout", "60"]  # as docker-compose.yml runs it
 
 
@@ -310,6 +317,9 @@ class Results:
     local_copy_s: dict[str, float] = field(default_factory=dict)
     verify_overhead: float = 0.0
     verify_overhead_inline: float = 0.0
+    cuts: dict[str, dict] = field(default_factory=dict)
+    aria2c: dict = field(default_factory=dict)
+    measured: list[str] = field(default_factory=list)
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -422,6 +432,183 @@ def _range_start(header: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- one-copy budgets
+
+CUTS = 3
+CUT_RATE_SECONDS = 8  # the rate limit lets a whole file take this long
+SETTLE_S = 1.0  # for the server to see the closed socket and give back the unsent step
+
+
+@dataclass(frozen=True)
+class CutClient:
+    """A real client that resumes when run again: its command line, the file it writes while
+    downloading and the finished file (relative to its directory)."""
+
+    name: str
+    command: Callable[[str, Path, str], list[str]]  # (link, directory, rate) -> argv
+    partial: str
+    final: str
+
+
+def cut_clients() -> list[CutClient]:
+    """curl and wget where installed, and the project's CLI once it has --limit-rate."""
+    name = SHARD.rsplit("/", 1)[-1]
+    clients = []
+    if shutil.which("curl"):
+        clients.append(
+            CutClient(
+                "curl -C -",
+                lambda link, d, rate: (
+                    ["curl", "-sSf", "-C", "-", "--limit-rate", rate]
+                    + ["-o", str(d / name), link + urllib.parse.quote(SHARD)]
+                ),
+                name,
+                name,
+            )
+        )
+    if shutil.which("wget"):
+        clients.append(
+            CutClient(
+                "wget -c",
+                lambda link, d, rate: (
+                    ["wget", "-q", "-c", f"--limit-rate={rate}"]
+                    + ["-P", str(d), link + urllib.parse.quote(SHARD)]
+                ),
+                name,
+                name,
+            )
+        )
+    cli = [sys.executable, "-m", "weights.download"]
+    usage = subprocess.run([*cli, "--help"], capture_output=True, text=True, check=False)  # noqa: S603
+    if "--limit-rate" in usage.stdout:
+        clients.append(
+            CutClient(
+                "weights.download",
+                lambda link, d, rate: (
+                    [*cli, link, "--dest", str(d), "--quiet", "--jobs", "1"]
+                    + ["--limit-rate", rate]
+                ),
+                SHARD + ".part",
+                SHARD,
+            )
+        )
+    return clients
+
+
+def sha256_hex(path: Path) -> str:
+    return download.sha256_file(path).hexdigest()
+
+
+def kill_at(command: list[str], path: Path, at: int) -> int:
+    """Run command and SIGKILL it once path holds `at` bytes; the bytes path holds after the
+    kill (what the client really had on disk)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)  # noqa: S603
+    try:
+        while process.poll() is None:
+            if path.exists() and path.stat().st_size >= at:
+                process.kill()
+                break
+            time.sleep(0.002)
+    finally:
+        process.wait()
+    return path.stat().st_size if path.exists() else 0
+
+
+def cut_and_resume(portal: Portal, client: CutClient, work: Path, size: int) -> dict:
+    """One shard on a fresh one-copy link: cut CUTS times (at 1/4, 2/4, 3/4), then finished."""
+    issued = internal(portal, "fresh-link:1")
+    link = f"{portal.base_url}/d/{issued['token']}/"
+    dest = work / "cuts"
+    dest.mkdir()
+    rate = f"{max(1, size // CUT_RATE_SECONDS // MIB)}M"
+    command = client.command(link, dest, rate)
+    cuts = []
+    for k in range(1, CUTS + 1):
+        on_disk = kill_at(command, dest / client.partial, k * size // (CUTS + 1))
+        time.sleep(SETTLE_S)
+        usage = internal(portal, f"usage:{issued['link_id']}")
+        cuts.append(
+            {
+                "on_disk": on_disk,
+                "charged": usage["bytes_charged"],
+                "swallowed": usage["bytes_charged"] - on_disk,
+                "forgiven": usage["bytes_forgiven"],
+            }
+        )
+    code = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, check=False).returncode  # noqa: S603
+    time.sleep(SETTLE_S)
+    usage = internal(portal, f"usage:{issued['link_id']}")
+    final = dest / client.final
+    verified = code == 0 and final.exists() and sha256_hex(final) == usage["sha256"]
+    shutil.rmtree(dest)
+    return {
+        "rate": rate,
+        "cuts": cuts,
+        "exit_code": code,
+        "verified": int(verified),
+        "charged": usage["bytes_charged"],
+        "charged_over_size": usage["bytes_charged"] - size,
+        "forgiven": usage["bytes_forgiven"],
+    }
+
+
+def bench_cuts(portal: Portal, results: Results, work: Path) -> None:
+    results.cuts = {
+        c.name: cut_and_resume(portal, c, work, results.file_bytes) for c in cut_clients()
+    }
+
+
+ARIA2C = ["aria2c", "-x16", "-s16", "-k1M", "--quiet", "--file-allocation=none"]
+
+
+def aria2c_once(portal: Portal, copies: int, work: Path) -> tuple[float, int, int]:
+    """aria2c on a fresh link of `copies` copies: (seconds, exit code, bytes charged)."""
+    issued = internal(portal, f"fresh-link:{copies}")
+    url = f"{portal.base_url}/d/{issued['token']}/{urllib.parse.quote(SHARD)}"
+    dest = work / "aria2c"
+    command = [*ARIA2C, "--dir", str(dest), "--out", "shard", url]
+    outcome: list[int] = []
+    seconds = timed(
+        lambda: outcome.append(
+            subprocess.run(command, stdout=subprocess.DEVNULL, check=False, timeout=600).returncode  # noqa: S603
+        )
+    )
+    time.sleep(SETTLE_S)
+    usage = internal(portal, f"usage:{issued['link_id']}")
+    if outcome[0] == 0 and sha256_hex(dest / "shard") != usage["sha256"]:
+        outcome[0] = -1  # finished but wrong bytes
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds, outcome[0], usage["bytes_charged"]
+
+
+def bench_aria2c(portal: Portal, results: Results, work: Path) -> None:
+    """aria2c -x16 on one-copy and five-copy links, interleaved, alternating the order; the
+    rates are medians of the runs that finished with the right bytes."""
+    if not shutil.which("aria2c"):
+        results.aria2c = {"skipped": "aria2c is not installed"}
+        return
+    assert portal.stored_file is not None
+    read_from_disk(portal.stored_file)  # as bench_throughput does: the server finds it warm
+    warm_up_workers(portal)
+    size = results.file_bytes
+    runs: dict[int, list[tuple[float, int, int]]] = {1: [], 5: []}
+    for i in range(results.runs):
+        for copies in (1, 5) if i % 2 == 0 else (5, 1):
+            runs[copies].append(aria2c_once(portal, copies, work))
+    results.seconds.update({f"aria2c_{c}_copies": [r[0] for r in v] for c, v in runs.items()})
+    rates = {c: [size / r[0] / 1e6 for r in v if r[1] == 0] for c, v in runs.items()}
+    one, five = (statistics.median(rates[c]) if rates[c] else 0.0 for c in (1, 5))
+    results.aria2c = {
+        "one_copy_mb_s": one,
+        "five_copies_mb_s": five,
+        "ratio": one / five if five else 0.0,
+        "completed": {str(c): len(rates[c]) for c in runs},
+        "exit_codes": {str(c): [r[1] for r in v] for c, v in runs.items()},
+        "one_copy_charged_over_size": [r[2] - size for r in runs[1]],
+        "five_copies_charged_over_size": [r[2] - size for r in runs[5]],
+    }
+
+
 # --------------------------------------------------------------------------- helpers in Django
 
 
@@ -443,20 +630,52 @@ def _internal_issue_link() -> dict:
     )
     release = Release.objects.get(slug=SLUG)
     Release.objects.filter(pk=release.pk).update(license=license_version)
-    researcher = users.create_user("bench", "bench@uni.example.edu", secrets.token_urlsafe(16))
-    _verify_email(researcher)
     reviewer = users.create_user("rita", "rita@portal.example.org", is_staff=True)
     reviewer.groups.add(reviewers_group_ensure())
-    draft = application_save_draft(applicant=researcher, fields=_FIELDS, releases=[release])
-    acceptance = license_accept(user=researcher, license_version=license_version, ip_address=None)
-    application = application_submit(
-        application=draft, applicant=researcher, license_acceptance=acceptance
-    )
-    [grant] = application_approve(application=application, reviewer=reviewer, releases=[release])
-    issued = link_issue(grant=grant, budget_copies=50)
+    grants = {}
+    for name in ("bench", BUDGET_USER):
+        researcher = users.create_user(name, f"{name}@uni.example.edu", secrets.token_urlsafe(16))
+        _verify_email(researcher)
+        fields = {**_FIELDS, "institutional_email": researcher.email}
+        draft = application_save_draft(applicant=researcher, fields=fields, releases=[release])
+        acceptance = license_accept(
+            user=researcher, license_version=license_version, ip_address=None
+        )
+        application = application_submit(
+            application=draft, applicant=researcher, license_acceptance=acceptance
+        )
+        [grants[name]] = application_approve(
+            application=application, reviewer=reviewer, releases=[release]
+        )
+    issued = link_issue(grant=grants["bench"], budget_copies=50)
     artifact = release.artifacts.get(path=SHARD)
     stored = get_storage().local_path(artifact.storage_key)
     return {"token": issued.token, "stored_file": str(stored)}
+
+
+def _internal_fresh_link(copies: str) -> dict:
+    """A fresh link of `copies` copies for the second researcher: issuing a link revokes the
+    grant's previous one, and the first researcher's link must stay live for the others."""
+    from access.models import Grant
+    from weights.services.links import link_issue
+
+    grant = Grant.objects.get(user__username=BUDGET_USER, release__slug=SLUG)
+    issued = link_issue(grant=grant, budget_copies=int(copies))
+    return {"token": issued.token, "link_id": issued.link.pk}
+
+
+def _internal_usage(link_id: str) -> dict:
+    from weights.models import LinkUsage
+
+    usage = LinkUsage.objects.select_related("artifact").get(
+        link_id=int(link_id), artifact__path=SHARD
+    )
+    return {
+        "bytes_charged": usage.bytes_charged,
+        "bytes_forgiven": usage.bytes_forgiven,
+        "size": usage.artifact.size,
+        "sha256": usage.artifact.sha256,
+    }
 
 
 def _verify_email(user) -> None:
@@ -488,11 +707,18 @@ def _internal_events() -> dict:
 
 
 def run_internal(command: str) -> None:
+    """`name` or `name:argument`, e.g. `fresh-link:1`, `usage:7`."""
     import django
 
     django.setup()
-    handlers = {"issue-link": _internal_issue_link, "events": _internal_events}
-    print(json.dumps(handlers[command]()))
+    handlers = {
+        "issue-link": _internal_issue_link,
+        "events": _internal_events,
+        "fresh-link": _internal_fresh_link,
+        "usage": _internal_usage,
+    }
+    name, _, argument = command.partition(":")
+    print(json.dumps(handlers[name](argument) if argument else handlers[name]()))
 
 
 # --------------------------------------------------------------------------- report
@@ -512,6 +738,19 @@ def summary_lines(r: Results) -> Iterator[str]:
     )
     yield f"weights download benchmark, {r.date}, {r.machine}; file {size}, median of {r.runs}"
     yield f"  machine load average: {r.load_average}"
+    if "throughput" in r.measured:
+        yield from _throughput_lines(r)
+    if "resume" in r.measured:
+        yield from _resume_lines(r)
+    if "verification" in r.measured:
+        yield from _verification_lines(r)
+    if "cuts" in r.measured:
+        yield from cut_lines(r)
+    if "aria2c" in r.measured:
+        yield from aria2c_lines(r)
+
+
+def _throughput_lines(r: Results) -> Iterator[str]:
     yield f"  disk read (1 MiB chunks, page cache)      {r.disk_read_mb_s:8.0f} MB/s"
     yield f"  device read (O_DIRECT, 1 MiB, no cache)   {r.device_read_mb_s:8.0f} MB/s"
     yield (
@@ -519,13 +758,20 @@ def summary_lines(r: Results) -> Iterator[str]:
         f"  = {100 * r.portal_vs_disk:.0f} % of the page-cache read,"
         f" {100 * r.portal_vs_device:.0f} % of the device read (target >= 80 %)"
     )
-    yield (f"  CLI download + SHA-256 + write to disk    {r.cli_download_verified_mb_s:8.0f} MB/s")
+    if "verification" in r.measured:
+        yield f"  CLI download + SHA-256 + write to disk    {r.cli_download_verified_mb_s:8.0f} MB/s"
+
+
+def _resume_lines(r: Results) -> Iterator[str]:
     s = r.resume
     yield (
         f"  resume after kill at {s['part_bytes_at_kill']} B on disk: asked {s['resume_range']},"
         f" re-fetched before the cut {s['refetched_before_cut']} B (target 0);"
         f" lost in flight at the kill {s['in_flight_lost_at_kill']} B; verified={bool(s['verified'])}"
     )
+
+
+def _verification_lines(r: Results) -> Iterator[str]:
     yield (
         f"  CLI download alone {r.download_only_s:.2f} s, with verification "
         f"{r.download_verified_s:.2f} s = {r.verify_overhead:.2f}x (target < 1.2x);"
@@ -538,6 +784,35 @@ def summary_lines(r: Results) -> Iterator[str]:
         f"  client alone (file -> .part, no server on the cores): copy {c['none']:.2f} s,"
         f" + SHA-256 on a thread {c['thread']:.2f} s = {c['thread'] / c['none']:.2f}x,"
         f" inline {c['inline']:.2f} s = {c['inline'] / c['none']:.2f}x"
+    )
+
+
+def cut_lines(r: Results) -> Iterator[str]:
+    for name, c in r.cuts.items():
+        swallowed = ", ".join(f"{cut['swallowed']} B" for cut in c["cuts"])
+        yield (
+            f"  one-copy link, {name} --limit-rate {c['rate']}, {len(c['cuts'])} x SIGKILL +"
+            f" resume: charged minus on disk at each cut {swallowed};"
+            f" charged minus size at the end {c['charged_over_size']} B (target 0,"
+            f" at most {SLACK} B); forgiven {c['forgiven']} B; verified={bool(c['verified'])}"
+        )
+    if not r.cuts:
+        yield "  one-copy cuts: skipped (no resuming client installed: curl, wget)"
+
+
+def aria2c_lines(r: Results) -> Iterator[str]:
+    a = r.aria2c
+    if "skipped" in a:
+        yield f"  aria2c -x16 at 1 copy vs 5 copies: skipped ({a['skipped']})"
+        return
+    done, codes = a["completed"], a["exit_codes"]
+    yield (
+        f"  aria2c -x16 -s16 -k1M, 1 copy / 5 copies    {a['one_copy_mb_s']:5.0f} /"
+        f" {a['five_copies_mb_s']:.0f} MB/s = {a['ratio']:.2f} (target ~1.0);"
+        f" runs finished and verified {done['1']}/{len(codes['1'])} and"
+        f" {done['5']}/{len(codes['5'])} (exit codes {codes['1']} / {codes['5']});"
+        f" charged minus size at 1 copy {a['one_copy_charged_over_size']} B"
+        f" (at most {SLACK} B), at 5 copies {a['five_copies_charged_over_size']} B"
     )
 
 
@@ -614,15 +889,39 @@ in socket buffers when the process died and never reached the disk); the resume 
 {END}"""
 
 
+def measured_markdown(r: Results, lines: Iterator[str], runs: str) -> str:
+    """The block of a measure run on its own: when, where, and its lines of the summary."""
+    return (
+        f"Measured {r.date} on {r.machine}; load average {r.load_average}.\n"
+        f"File: one generated shard of {r.file_bytes} bytes; {runs}.\n\n"
+        f"```\n{chr(10).join(lines)}\n```"
+    )
+
+
+def blocks(r: Results) -> Iterator[tuple[str, str, str]]:
+    """(begin marker, end marker, block) for each group of measures this run made."""
+    if {"throughput", "verification", "resume"} <= set(r.measured):
+        yield BEGIN, END, figures_markdown(r)
+    own = (
+        ("cuts", cut_lines, f"one download per client, cut {CUTS} times"),
+        ("aria2c", aria2c_lines, f"{r.runs} runs at each budget"),
+    )
+    for name, lines, runs in own:
+        if name in r.measured:
+            begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+            yield begin, end, f"{begin}\n{measured_markdown(r, lines(r), runs)}\n{end}"
+
+
 def record(path: Path, r: Results) -> None:
-    """Replace the figures between the markers in path (the prose around them stays)."""
-    block = figures_markdown(r)
-    text = path.read_text() if path.exists() else f"# Download benchmark\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    """Replace the figures between the markers in path (the prose around them stays); the
+    blocks of measures this run did not make stay as they were."""
+    text = path.read_text() if path.exists() else "# Download benchmark\n"
+    for begin, end, block in blocks(r):
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 
@@ -633,7 +932,16 @@ def _load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def run(size_mb: int, runs: int, keep: bool) -> Results:
+MEASURES: dict[str, Callable[[Portal, Results, Path], None]] = {
+    "throughput": bench_throughput,
+    "verification": lambda p, r, w: (bench_verification(p, r, w), bench_client_alone(p, r, w)),
+    "resume": bench_resume,
+    "cuts": bench_cuts,
+    "aria2c": bench_aria2c,
+}
+
+
+def run(size_mb: int, runs: int, keep: bool, only: list[str] | None = None) -> Results:
     root = Path(tempfile.mkdtemp(prefix="weights-bench-"))
     results = Results(
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -649,13 +957,11 @@ def run(size_mb: int, runs: int, keep: bool) -> Results:
         start_server(portal)
         work = root / "work"
         work.mkdir()
-        print("throughput ...", file=sys.stderr)
-        bench_throughput(portal, results, work)
-        print("verification cost ...", file=sys.stderr)
-        bench_verification(portal, results, work)
-        bench_client_alone(portal, results, work)
-        print("resume ...", file=sys.stderr)
-        bench_resume(portal, results, work)
+        for name, measure in MEASURES.items():
+            if only is None or name in only:
+                print(f"{name} ...", file=sys.stderr)
+                measure(portal, results, work)
+                results.measured.append(name)
         results.load_average = f"{load_before} at start, {_load()} at end (1-minute)"
     finally:
         stop_server(portal)
@@ -672,12 +978,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per measure (median; default 3)")
     parser.add_argument("--record", type=Path, help="also write the figures to this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary portal directory")
+    parser.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        help=f"only these measures, comma-separated: {','.join(MEASURES)} (default: all)",
+    )
     parser.add_argument("--internal", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.internal:
         run_internal(args.internal)
         return 0
-    results = run(args.size_mb, args.runs, args.keep)
+    if args.only and not set(args.only) <= set(MEASURES):
+        parser.error(f"--only takes {','.join(MEASURES)}")
+    results = run(args.size_mb, args.runs, args.keep, args.only)
     for line in summary_lines(results):
         print(line)
     if args.record:

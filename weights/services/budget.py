@@ -33,8 +33,7 @@ from django.urls import reverse
 from weights.models import Artifact, DownloadLink, LinkUsage
 
 BUDGET = "This link has used its download budget for {path} (full copies allowed: {copies}). Request a fresh link on My downloads."
-LEASE_SLOTS = 64  # the earlier requests per (link, file, address) that a request looks at
-PARALLEL = 16  # and the later ones, still running beside it
+LEASE_SPANS = 64  # separate spans remembered per (link, file, address); the latest win
 
 Span = tuple[int, int]  # [start, end) in bytes
 
@@ -141,43 +140,50 @@ def _lease_key(link: DownloadLink, artifact: Artifact, address: str) -> str:
 
 @dataclass
 class Leases:
-    """The spans already charged to one address for one file on one link, and this
-    request's own entry, which it rewrites as its bytes go out."""
+    """The spans already charged to one address for one file on one link: one cache entry,
+    read when a request starts (and at each further step of a stream), rewritten with this
+    request's span merged in. Two requests from one address writing at the same moment
+    can lose one's span: that address then pays again for those bytes (the fail-safe
+    side); each request re-reads before it writes, so such a loss is rare and small."""
 
     link: DownloadLink
     artifact: Artifact
-    address: str | None
-    slot: int | None = None
+    key: str | None
+    spans: list[Span]
 
     @classmethod
     def open(cls, *, link: DownloadLink, artifact: Artifact, address: str | None) -> Leases:
-        leases = cls(link=link, artifact=artifact, address=address)
-        if address and settings.WEIGHTS_RESUME_WINDOW_SECONDS > 0:
-            key = _lease_key(link, artifact, address) + ":n"
-            try:
-                leases.slot = cache.incr(key)
-            except ValueError:  # this address's first request for the file
-                if cache.add(key, 1, settings.WEIGHTS_RESUME_WINDOW_SECONDS):
-                    leases.slot = 1
-                else:  # a parallel first request won the add
-                    leases.slot = cache.incr(key)
-        return leases
+        if not address or settings.WEIGHTS_RESUME_WINDOW_SECONDS <= 0:
+            return cls(link=link, artifact=artifact, key=None, spans=[])
+        key = _lease_key(link, artifact, address)
+        return cls(link=link, artifact=artifact, key=key, spans=_spans(cache.get(key)))
 
-    def others(self) -> list[Span]:
-        """Spans earlier requests from this address were charged for (not this one's)."""
-        if self.slot is None:
-            return []
-        base = _lease_key(self.link, self.artifact, self.address)
-        first = max(1, self.slot - LEASE_SLOTS)
-        # Later slots are requests running beside this one (aria2c's other connections).
-        keys = [f"{base}:{i}" for i in range(first, self.slot + PARALLEL) if i != self.slot]
-        return [tuple(span) for span in cache.get_many(keys).values() if span]
+    def others(self, *, refresh: bool = False) -> list[Span]:
+        """Spans this address was charged for before (by this request too, so far)."""
+        if refresh and self.key is not None:
+            self.spans = _spans(cache.get(self.key))
+        return self.spans
 
     def remember(self, span: Span) -> None:
-        """Record what this request has been charged for so far (start, end)."""
-        if self.slot is not None and span[1] > span[0]:
-            key = f"{_lease_key(self.link, self.artifact, self.address)}:{self.slot}"
-            cache.set(key, list(span), settings.WEIGHTS_RESUME_WINDOW_SECONDS)
+        """Add what this request has been charged for so far (start, end)."""
+        if self.key is not None and span[1] > span[0]:
+            self.spans = merged([*self.spans, span])[-LEASE_SPANS:]
+            cache.set(self.key, self.spans, settings.WEIGHTS_RESUME_WINDOW_SECONDS)
+
+
+def _spans(value: object) -> list[Span]:
+    return [(int(s), int(e)) for s, e in value] if isinstance(value, list) else []
+
+
+def merged(spans: Iterable[Span]) -> list[Span]:
+    """Sorted, with overlapping and touching spans joined."""
+    out: list[Span] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 def overlap(span: Span, spans: Iterable[Span]) -> int:
@@ -247,7 +253,8 @@ class FlowingCharge:
 
     def _charge_step(self, *, first: bool = False) -> bool:
         span = (self.charged_to, min(self.end, self.charged_to + self.step))
-        others = tuple(self.leases.others())
+        # A further step looks again: a parallel connection may have fetched these bytes.
+        others = tuple(self.leases.others(refresh=not first))
         free = overlap(span, others)
         paid = span[1] - span[0] - free
         # Admitted only if the whole range fits now; then charged step by step.
