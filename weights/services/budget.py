@@ -20,9 +20,10 @@ again); it can never let more bytes through.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import cache
@@ -33,7 +34,8 @@ from django.urls import reverse
 from weights.models import Artifact, DownloadLink, LinkUsage
 
 BUDGET = "This link has used its download budget for {path} (full copies allowed: {copies}). Request a fresh link on My downloads."
-LEASE_SPANS = 64  # separate spans remembered per (link, file, address); the latest win
+LEASE_SPANS = 64  # separate spans remembered per cache entry; the latest win
+SLOTS = 32  # cache entries per (link, file, address), written by requests picked at random
 
 Span = tuple[int, int]  # [start, end) in bytes
 
@@ -140,35 +142,44 @@ def _lease_key(link: DownloadLink, artifact: Artifact, address: str) -> str:
 
 @dataclass
 class Leases:
-    """The spans already charged to one address for one file on one link: one cache entry,
-    read when a request starts (and at each further step of a stream), rewritten with this
-    request's span merged in. Two requests from one address writing at the same moment
-    can lose one's span: that address then pays again for those bytes (the fail-safe
-    side); each request re-reads before it writes, so such a loss is rare and small."""
+    """The spans already charged to one address for one file on one link, kept in SLOTS
+    cache entries: a request reads them all when it starts (and at each further step of
+    a stream), and rewrites one, picked at random, with its span merged in: two cache
+    round trips. Only two requests running at the same moment from one address that
+    picked the same slot can lose one's span; that address then pays again for those
+    bytes (the fail-safe side)."""
 
     link: DownloadLink
     artifact: Artifact
-    key: str | None
-    spans: list[Span]
+    base: str | None
+    slot: int = 0
+    slots: dict[int, list[Span]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, *, link: DownloadLink, artifact: Artifact, address: str | None) -> Leases:
         if not address or settings.WEIGHTS_RESUME_WINDOW_SECONDS <= 0:
-            return cls(link=link, artifact=artifact, key=None, spans=[])
-        key = _lease_key(link, artifact, address)
-        return cls(link=link, artifact=artifact, key=key, spans=_spans(cache.get(key)))
+            return cls(link=link, artifact=artifact, base=None)
+        leases = cls(link=link, artifact=artifact, base=_lease_key(link, artifact, address))
+        leases.slot = random.randrange(SLOTS)  # noqa: S311 (spreading writes, not a secret)
+        leases._read()
+        return leases
+
+    def _read(self) -> None:
+        values = cache.get_many([f"{self.base}:{i}" for i in range(SLOTS)])
+        self.slots = {int(key.rsplit(":", 1)[1]): _spans(value) for key, value in values.items()}
 
     def others(self, *, refresh: bool = False) -> list[Span]:
         """Spans this address was charged for before (by this request too, so far)."""
-        if refresh and self.key is not None:
-            self.spans = _spans(cache.get(self.key))
-        return self.spans
+        if refresh and self.base is not None:
+            self._read()
+        return [span for spans in self.slots.values() for span in spans]
 
     def remember(self, span: Span) -> None:
         """Add what this request has been charged for so far (start, end)."""
-        if self.key is not None and span[1] > span[0]:
-            self.spans = merged([*self.spans, span])[-LEASE_SPANS:]
-            cache.set(self.key, self.spans, settings.WEIGHTS_RESUME_WINDOW_SECONDS)
+        if self.base is not None and span[1] > span[0]:
+            mine = merged([*self.slots.get(self.slot, []), span])[-LEASE_SPANS:]
+            self.slots[self.slot] = mine
+            cache.set(f"{self.base}:{self.slot}", mine, settings.WEIGHTS_RESUME_WINDOW_SECONDS)
 
 
 def _spans(value: object) -> list[Span]:
