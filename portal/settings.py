@@ -424,6 +424,9 @@ WEIGHTS_LINK_MAX_IPS = envint("WEIGHTS_LINK_MAX_IPS", 5, minimum=1)
 WEIGHTS_RESUME_WINDOW_SECONDS = envint("WEIGHTS_RESUME_WINDOW_SECONDS", 24 * 3600, minimum=0)
 WEIGHTS_RESUME_FREE_COPIES = envint("WEIGHTS_RESUME_FREE_COPIES", 2, minimum=0)
 WEIGHTS_BUDGET_SLACK_BYTES = envint("WEIGHTS_BUDGET_SLACK_BYTES", 16 * 1024 * 1024, minimum=0)
+# The file endpoint's two statements run as prepared statements on PostgreSQL; turn off
+# behind a transaction-mode connection pooler that does not support them.
+WEIGHTS_PREPARED_STATEMENTS = envbool("WEIGHTS_PREPARED_STATEMENTS", True)
 # Download events are appended to a per-process journal under this directory (a write
 # that survives the process being killed) and inserted in batches.
 WEIGHTS_EVENT_JOURNAL_DIR = Path(

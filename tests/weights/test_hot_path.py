@@ -102,3 +102,29 @@ def test_files_carry_their_own_policy_and_pages_keep_the_site_policy(client, tok
     page = client.get(f"/d/{token}/")
     assert "script-src" in page["Content-Security-Policy"]
     assert "sandbox" not in page["Content-Security-Policy"]
+
+
+def _prepared() -> dict[str, int]:
+    """The prepared statements of this connection: first word -> times executed."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements")
+        return {row[0].split()[0]: row[1] for row in cursor.fetchall()}
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SQLite has no prepared statements to check"
+)
+def test_on_postgresql_the_two_statements_are_prepared_once_per_connection(
+    client, token, events, settings
+):
+    for i in range(3):
+        assert (
+            len(body(get(client, file_url(token), HTTP_RANGE=f"bytes={i * 10}-{i * 10 + 9}"))) == 10
+        )
+    runs = _prepared()
+    assert sorted(runs) == ["SELECT", "UPDATE"] and min(runs.values()) >= 3
+    # Behind a transaction-mode pooler they can be turned off: plain statements again.
+    settings.WEIGHTS_PREPARED_STATEMENTS = False
+    assert len(body(get(client, file_url(token), HTTP_RANGE="bytes=30-39"))) == 10
+    assert _prepared() == runs
+    assert charged() == 40

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.urls import reverse
 
 from weights.models import Artifact, DownloadLink, LinkUsage
+from weights.services.hot_sql import hot_cursor
 
 BUDGET = "This link has used its download budget for {path} (full copies allowed: {copies}). Request a fresh link on My downloads."
 LEASE_SPANS = 64  # separate spans remembered per cache entry; the latest win
@@ -87,7 +88,7 @@ def _update(link: DownloadLink, artifact: Artifact, paid: int, free: int, need: 
     the ORM takes ten times longer to compose it than the database takes to run it."""
     ceiling = budget_ceiling(link, artifact) - max(paid, need)
     free_cap = free_ceiling(artifact) - free
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(
             _UPDATE.format(table=LinkUsage._meta.db_table),
             [paid, free, link.pk, artifact.pk, ceiling, free_cap],

@@ -20,6 +20,7 @@ from access.models import Grant, LicenseAcceptance, LicenseVersion
 from weights import tokens
 from weights.models import Artifact, DownloadLink
 from weights.paths import artifact_path_ok
+from weights.services.hot_sql import hot_cursor
 from weights.services.links import INVALID, LinkInvalid, link_check
 
 
@@ -71,7 +72,7 @@ def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | N
         _SQL = _sql()
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     wanted = path if artifact_path_ok(path) else None
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(_SQL, [now, now, wanted, tokens.token_hash(token)])
         row = cursor.fetchone()
     if row is None:
