@@ -171,3 +171,13 @@ def _healthy(address: str, port: int) -> bool:
         return connection.getresponse().status == 200
     finally:
         connection.close()
+
+
+def healthz_answers(port: int) -> bool:
+    """Whether a portal on loopback `port` answers /healthz with 200 (False while it is
+    still starting: refused or dropped connections)."""
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    return False

@@ -7,7 +7,6 @@ the keep-alive connection a download client or a proxy reuses for its next reque
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import socket
@@ -19,7 +18,7 @@ import pytest
 from django.conf import settings
 
 from access.services.reviews import application_approve
-from tests.servers import free_port, started, test_database_url, wait_for
+from tests.servers import free_port, healthz_answers, started, test_database_url, wait_for
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact
 from weights.services.links import link_issue
@@ -69,16 +68,8 @@ def web(tmp_path, store) -> Iterator[int]:
     log = tmp_path / "gunicorn.log"
     args = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"]
     with started(args, env=env, log=log) as process:
-        wait_for(lambda: _answers(port), "gunicorn", log=log, timeout=60, process=process)
+        wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=process)
         yield port
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError, http.client.HTTPException):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    return False
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import os
 import socket
 import sys
@@ -35,6 +34,7 @@ from tests.conftest import require_tools, skip_unless_required
 from tests.servers import (
     LOG_TAIL,
     free_port,
+    healthz_answers,
     nginx_binary,
     nginx_running,
     process_env,
@@ -144,7 +144,7 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
                 log=log,
             )
         )
-        wait_for(lambda: _answers(port), "gunicorn", log=log, timeout=60, process=gunicorn)
+        wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=gunicorn)
         url, front = f"http://127.0.0.1:{port}", {}
         if nginx:
             on_80 = _can_listen(NGINX_ADDRESS, 80)
@@ -207,14 +207,6 @@ def _bucket(endpoint: str, bucket: str) -> Iterator[None]:
     for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
         client.delete_object(Bucket=bucket, Key=obj["Key"])
     client.delete_bucket(Bucket=bucket)
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError, http.client.HTTPException):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    return False
 
 
 # --- a link per test ---------------------------------------------------------------------------

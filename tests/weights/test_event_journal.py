@@ -24,7 +24,14 @@ import pytest
 from django.conf import settings as django_settings
 from django.core.management import call_command
 
-from tests.servers import free_port, process_env, started, test_database_url, wait_for
+from tests.servers import (
+    free_port,
+    healthz_answers,
+    process_env,
+    started,
+    test_database_url,
+    wait_for,
+)
 from tests.weights import test_serving
 from tests.weights.test_serving import SHARD, artifact
 from weights.models import DownloadEvent, DownloadLink
@@ -374,7 +381,7 @@ def test_a_gunicorn_killed_with_sigkill_loses_no_event_and_none_arrives_twice(
     directory = tmp_path / "journal"
     args = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"]
     with started(args, env=env, log=log) as process:
-        wait_for(lambda: answers(port), "gunicorn", log=log, timeout=60, process=process)
+        wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=process)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         for i in range(requests):
             connection.request("GET", f"/d/{token}/{SHARD}", headers={"Range": f"bytes={i}-{i}"})
@@ -407,14 +414,3 @@ def unlocked(path: Path) -> bool:
         except BlockingIOError:
             return False
     return True
-
-
-def answers(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
