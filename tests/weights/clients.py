@@ -36,7 +36,6 @@ class Client:
 
     name = ""
     tool = ""
-    uses_manifest_urls = False  # True: follows the file URLs the portal builds, not ours
 
     def argv(
         self, target: Target, dest: Path, *, headers: Mapping[str, str], rate: int
@@ -89,7 +88,6 @@ class Aria2c(Client):
 class ProjectCli(Client):
     name = "cli"
     tool = sys.executable
-    uses_manifest_urls = True
 
     def argv(self, target, dest, *, headers, rate):
         # The CLI sends no extra headers: it must work with the plain link from the email.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -66,9 +65,6 @@ PATH = "7B/consolidated.00.pth"
 RATE = 16 * MIB  # bytes per second: a 32 MiB file takes about 2 s, so each cut lands mid-file
 MODES = ("local", "xaccel", "s3")
 X_ACCEL_PREFIX = "/protected-weights/"
-# nginx forwards Host without the port (proxy_set_header Host $host), so the manifest's URLs
-# name port 80: nginx listens there, on a loopback address of its own.
-NGINX_ADDRESS = "127.0.0.80"
 S3_KEYS = {"WEIGHTS_S3_REGION": "us-east-1", "WEIGHTS_S3_ADDRESSING_STYLE": "path"}
 S3_KEYS |= {"WEIGHTS_S3_ACCESS_KEY_ID": "testing", "WEIGHTS_S3_SECRET_ACCESS_KEY": "testing"}
 # Where portal/settings.py keeps the cache without REDIS_URL (migration portal 0002).
@@ -90,7 +86,6 @@ class Portal:
     s3_endpoint: str = ""
     bucket: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # what every client sends
-    absolute_urls_work: bool = True  # False behind nginx on a port other than 80
 
 
 @dataclass(frozen=True)
@@ -147,23 +142,13 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
         wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=gunicorn)
         url, front = f"http://127.0.0.1:{port}", {}
         if nginx:
-            on_80 = _can_listen(NGINX_ADDRESS, 80)
-            listen = {"address": NGINX_ADDRESS, "port": 80} if on_80 else {}
-            at = stack.enter_context(nginx_running(nginx, port, tmp, root, **listen))
-            url = f"http://{NGINX_ADDRESS}" if on_80 else f"http://127.0.0.1:{at}"
-            # What an outer TLS terminator adds; Host is the URL's, as nginx passes it on.
-            front = {"headers": {"X-Forwarded-Proto": "https"}, "absolute_urls_work": on_80}
+            # nginx on a port of its own: it passes the client's Host on, port included, so
+            # the manifest's absolute URLs lead back to it.
+            at = stack.enter_context(nginx_running(nginx, port, tmp, root))
+            url = f"http://127.0.0.1:{at}"
+            # What an outer TLS terminator adds.
+            front = {"headers": {"X-Forwarded-Proto": "https"}}
         yield Portal(mode=mode, url=url, log=log, local_root=root, **s3, **front)
-
-
-def _can_listen(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx does
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 def _gunicorn_env(tmp: Path, port: int, storage: dict[str, str]) -> dict[str, str]:
@@ -172,7 +157,7 @@ def _gunicorn_env(tmp: Path, port: int, storage: dict[str, str]) -> dict[str, st
         "DJANGO_SETTINGS_MODULE": "portal.settings",
         "DEBUG": "0",
         "SECRET_KEY": settings.SECRET_KEY + "-" + "x" * 50,
-        "ALLOWED_HOSTS": f"127.0.0.1,{NGINX_ADDRESS}",
+        "ALLOWED_HOSTS": "127.0.0.1",
         # Plain HTTP on loopback: the CLI cannot add the X-Forwarded-Proto a TLS proxy would.
         "SECURE_SSL_REDIRECT": "0",
         "DATABASE_URL": test_database_url(),
@@ -277,11 +262,6 @@ def test_a_download_cut_twice_resumes_to_the_exact_file_within_one_copy(
     portal, issued, source, client: Client, tmp_path
 ):
     require_tools(client.tool)
-    if client.uses_manifest_urls and not portal.absolute_urls_work:
-        skip_unless_required(
-            f"nginx cannot listen on {NGINX_ADDRESS}:80 (needs root): behind nginx on another "
-            "port the manifest's URLs, built from a Host without the port, miss it"
-        )
     dest, log = tmp_path / "dest", tmp_path / "client.log"
     dest.mkdir()
     argv = client.argv(issued.target, dest, headers=portal.headers, rate=RATE)
