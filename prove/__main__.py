@@ -93,18 +93,7 @@ def setup(run: Run) -> dict:
         result = stack.manage(*args, env=env)
         if result.returncode:
             raise StackError(f"manage.py {args[0]} failed: {result.stderr[-800:]}")
-    source = stack.root / "release"
-    result = stack.manage(
-        "generate_sample_release",
-        str(source),
-        "--shards",
-        str(SHARDS),
-        "--shard-mb",
-        str(SHARD_MB),
-        env=env,
-    )
-    if result.returncode:
-        raise StackError(f"generate_sample_release failed: {result.stderr[-800:]}")
+    source = stack.sample_release(stack.root / "release", shards=SHARDS, shard_mb=SHARD_MB, env=env)
     result = stack.manage("publish_release", str(source), "--slug", SLUG, "-v", "0", env=env)
     if result.returncode:
         raise StackError(f"publish_release failed: {result.stderr[-800:]}")

@@ -308,20 +308,8 @@ def s3_down(run) -> dict:
     stack.internal("create_bucket", env=env, bucket=BUCKET)
     small = stack.root / "s3-small"
     big = stack.root / "s3-big"
-    for directory, shards, mb in ((small, 1, "2"), (big, 4, "24")):
-        result = stack.manage(
-            "generate_sample_release",
-            str(directory),
-            "--shards",
-            str(shards),
-            "--shard-mb",
-            mb,
-            "--seed",
-            "5",
-            env=env,
-        )
-        if result.returncode:
-            raise RuntimeError(result.stderr[-500:])
+    for directory, shards, mb in ((small, 1, 2), (big, 4, 24)):
+        stack.sample_release(directory, shards=shards, shard_mb=mb, env=env, seed=5)
     published = stack.manage(
         "publish_release", str(small), "--slug", "llama-13b", "-v", "0", env=env
     )

@@ -17,7 +17,6 @@ import time
 
 from prove import load
 from prove.s3 import s3_publish, s3_start
-from prove.stack import StackError
 
 GRANTEES = 500
 SHARDS = 8
@@ -49,20 +48,9 @@ def launch_requests(tokens: list[str], shards: list[dict], seed: int = 2026) -> 
 
 def _publish_release(run, env: dict[str, str]) -> None:
     stack = run.stack
-    source = stack.root / "launch-release"
-    result = stack.manage(
-        "generate_sample_release",
-        str(source),
-        "--shards",
-        str(SHARDS),
-        "--shard-mb",
-        str(SHARD_MB),
-        "--seed",
-        "11",
-        env=env,
+    source = stack.sample_release(
+        stack.root / "launch-release", shards=SHARDS, shard_mb=SHARD_MB, env=env, seed=11
     )
-    if result.returncode:
-        raise StackError(f"generate_sample_release failed: {result.stderr[-800:]}")
     s3_publish(stack, env, source, SLUG)
 
 

@@ -304,6 +304,18 @@ class Stack:
             check=False,
         )
 
+    def sample_release(
+        self, directory: Path, *, shards: int, shard_mb: int, env: dict, seed: int | None = None
+    ) -> Path:
+        """`manage.py generate_sample_release` into `directory` (Meta's layout, 7B)."""
+        args = ["--shards", str(shards), "--shard-mb", str(shard_mb)]
+        if seed is not None:
+            args += ["--seed", str(seed)]
+        result = self.manage("generate_sample_release", str(directory), *args, env=env)
+        if result.returncode:
+            raise StackError(f"generate_sample_release failed: {result.stderr[-800:]}")
+        return directory
+
     def internal(self, command: str, *, env: dict | None = None, timeout: float = 300, **kw):
         """Run prove.internal COMMAND inside Django; returns its last JSON line."""
         result = subprocess.run(  # noqa: S603

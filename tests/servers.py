@@ -121,20 +121,17 @@ def nginx_running(
     upstream_port: int,
     tmp: Path,
     weights: Path,
-    *,
-    address: str = "127.0.0.1",
-    port: int | None = None,
 ) -> Iterator[int]:
     """deploy/nginx/default.conf, with only addresses and host paths changed, in front of
-    the gunicorn on `upstream_port`, listening on `address`:`port` (a free port unless
-    given); its logs go under `tmp`. Yields nginx's port."""
-    port = port or free_port()
+    the gunicorn on `upstream_port`, on a free loopback port; its logs go under `tmp`.
+    Yields nginx's port."""
+    port = free_port()
     static = tmp / "static"
     (static / "portal").mkdir(parents=True, exist_ok=True)
     (static / "portal" / "probe.css").write_text("body{}")
     conf = NGINX_CONF.read_text()
     for old, new in (
-        ("listen 80 default_server;", f"listen {address}:{port} default_server;"),
+        ("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;"),
         ("server web:8000;", f"server 127.0.0.1:{upstream_port};"),
         ("alias /srv/static/;", f"alias {static}/;"),
         ("alias /srv/weights/;", f"alias {weights}/;"),
@@ -160,24 +157,22 @@ def nginx_running(
     assert tested.returncode == 0, tested.stderr
     log = tmp / "nginx.log"
     with started([*command, "-g", "daemon off;"], env=process_env({}), log=log):
-        wait_for(lambda: _healthy(address, port), "nginx", log=log, timeout=10)
+        wait_for(lambda: _answers(port, "/nginx-health"), "nginx", log=log, timeout=10)
         yield port
-
-
-def _healthy(address: str, port: int) -> bool:
-    connection = http.client.HTTPConnection(address, port, timeout=10)
-    try:
-        connection.request("GET", "/nginx-health")
-        return connection.getresponse().status == 200
-    finally:
-        connection.close()
 
 
 def healthz_answers(port: int) -> bool:
     """Whether a portal on loopback `port` answers /healthz with 200 (False while it is
     still starting: refused or dropped connections)."""
-    with contextlib.suppress(OSError, http.client.HTTPException):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        connection.request("GET", "/healthz")
+    return _answers(port, "/healthz")
+
+
+def _answers(port: int, path: str) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", path)
         return connection.getresponse().status == 200
-    return False
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()

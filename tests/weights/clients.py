@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,17 @@ class Target:
     path: str  # the file's path in the release, e.g. 7B/consolidated.00.pth
 
 
-class Client:
+class Client(ABC):
     """A client run with its resume flag; `tool` is the command require_tools looks for."""
 
     name = ""
     tool = ""
 
+    @abstractmethod
     def argv(
         self, target: Target, dest: Path, *, headers: Mapping[str, str], rate: int
     ) -> list[str]:
-        raise NotImplementedError
+        """The command line that downloads `target` into `dest` at `rate` bytes/s."""
 
     def partial(self, target: Target, dest: Path) -> Path:
         """The file that grows while the client runs."""

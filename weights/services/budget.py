@@ -278,7 +278,7 @@ class FlowingCharge:
         self.step = min(self.step * 2, MAX_STEP)
         return True
 
-    def extend(self, sent_to: int, *, sleep=time.sleep) -> bool:
+    def extend(self, sent_to: int) -> bool:
         """Charge the next step once everything charged so far is sent; False when the
         budget stays short for CONTINUE_TRIES waits."""
         self.leases.remember((self.start, sent_to))
@@ -286,7 +286,7 @@ class FlowingCharge:
             if self._charge_step():
                 return True
             if attempt < CONTINUE_TRIES - 1:
-                sleep(CONTINUE_WAIT_S)
+                time.sleep(CONTINUE_WAIT_S)
         return False
 
     def settle(self, sent_to: int) -> None:

@@ -10,10 +10,12 @@ cached: a revocation is seen by the very next request.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from django.contrib.auth import get_user_model
 from django.db import connection
+from django.db.models import Model
 from django.utils import timezone
 
 from access.models import Grant, LicenseAcceptance, LicenseVersion
@@ -24,6 +26,7 @@ from weights.services.hot_sql import hot_cursor
 from weights.services.links import INVALID, LinkInvalid, link_check
 
 
+@functools.cache
 def _sql() -> str:
     tables = {
         "link": DownloadLink._meta.db_table,
@@ -52,9 +55,6 @@ def _sql() -> str:
     ).format(**tables)
 
 
-_SQL: str | None = None
-
-
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive UTC datetimes, PostgreSQL aware ones."""
     if value is None or timezone.is_aware(value):
@@ -62,28 +62,33 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def _instance(model: type[Model], **values: object) -> Model:
+    """A model instance as the ORM would load it with only these fields: any other field
+    is deferred (read from the database if ever used), never a silent default."""
+    names = [f.attname for f in model._meta.concrete_fields if f.attname in values]
+    return model.from_db(connection.alias, names, [values[name] for name in names])
+
+
 def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | None]:
     """The link (checked as link_resolve checks it) and the file at `path` in its release,
     or None when the release has no such file. Raises the precise LinkRefused."""
-    global _SQL
     if not tokens.looks_like_token(token):
         raise LinkInvalid(INVALID)
-    if _SQL is None:
-        _SQL = _sql()
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     wanted = path if artifact_path_ok(path) else None
     with hot_cursor() as cursor:
-        cursor.execute(_SQL, [now, now, wanted, tokens.token_hash(token)])
+        cursor.execute(_sql(), [now, now, wanted, tokens.token_hash(token)])
         row = cursor.fetchone()
     if row is None:
         raise LinkInvalid(INVALID)
     (link_id, grant_id, created, expires, revoked, reason, copies, hint, flagged) = row[:9]
     (user_id, release_id, grant_revoked, active, version, accepted) = row[9:15]
-    user = get_user_model()(id=user_id, is_active=bool(active))
-    grant = Grant(id=grant_id, user_id=user_id, release_id=release_id)
-    grant.revoked_at = _aware(grant_revoked)
-    grant.user = user
-    link = DownloadLink(
+    grant = _instance(
+        Grant, id=grant_id, user_id=user_id, release_id=release_id, revoked_at=_aware(grant_revoked)
+    )
+    grant.user = _instance(get_user_model(), id=user_id, is_active=bool(active))
+    link = _instance(
+        DownloadLink,
         id=link_id,
         grant_id=grant_id,
         created_at=_aware(created),
@@ -100,7 +105,8 @@ def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | N
     file_id, file_path, size, sha256, md5, key = row[15:21]
     if file_id is None:
         return link, None
-    artifact = Artifact(
+    artifact = _instance(
+        Artifact,
         id=file_id,
         release_id=release_id,
         path=file_path,
