@@ -18,6 +18,7 @@ import pytest
 
 from access.services import reviews
 from tests.conftest import require_tools
+from tests.weights.clients import eventually
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact, DownloadEvent, LinkUsage, Release
 from weights.paths import artifact_path_ok
@@ -165,8 +166,10 @@ def test_hostile_names_and_paths_run_nothing_and_every_file_arrives(
     title = " ".join(HOSTILE_NAME.split())
     assert run.stdout.rstrip("\n").endswith(f"All files of {title} downloaded and verified.")
     assert "FAILED" not in run.stdout + run.stderr
+    # A stream's event is written when it closes, which may be just after wget has its last byte.
+    events = eventually(DownloadEvent.objects.count, lambda n: n >= len(HOSTILE_FILES))
+    assert events == len(HOSTILE_FILES)
     assert set(DownloadEvent.objects.values_list("outcome", flat=True)) == {"served"}
-    assert DownloadEvent.objects.count() == len(HOSTILE_FILES)
 
 
 def test_a_rerun_of_a_finished_download_succeeds_and_fetches_nothing(
@@ -183,9 +186,11 @@ def test_a_rerun_of_a_finished_download_succeeds_and_fetches_nothing(
     cwd.mkdir()
     first = _run(script, dest, cwd, tool)
     assert first.returncode == 0, first.stdout + first.stderr
-    requests = DownloadEvent.objects.count()
+    files = Artifact.objects.filter(release__slug="llama-7b").count()
+    # Each stream settles its charge, then writes its event, when it closes: wait for the last.
+    requests = eventually(DownloadEvent.objects.count, lambda n: n >= files)
     charged = sorted(LinkUsage.objects.values_list("bytes_charged", flat=True))
-    assert requests == Artifact.objects.filter(release__slug="llama-7b").count()
+    assert requests == files
 
     again = _run(script, dest, cwd, tool)
 
