@@ -7,6 +7,7 @@ by configuration: PostgreSQL, Redis, SMTP. See README.md.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -435,6 +436,15 @@ WEIGHTS_EVENT_JOURNAL_DIR = Path(
 WEIGHTS_EVENT_BATCH = envint("WEIGHTS_EVENT_BATCH", 500, minimum=1)
 WEIGHTS_EVENT_FLUSH_SECONDS = envint("WEIGHTS_EVENT_FLUSH_SECONDS", 1, minimum=1)
 WEIGHTS_FRESH_LINK_RATE = envstr("WEIGHTS_FRESH_LINK_RATE", "5/h")
+# The Hugging Face Hub protocol names each release <namespace>/<slug>
+# (HF_ENDPOINT=<portal> hf download research/llama-7b).
+WEIGHTS_HUB_NAMESPACE = envstr("WEIGHTS_HUB_NAMESPACE", "research")
+if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", WEIGHTS_HUB_NAMESPACE) or (
+    WEIGHTS_HUB_NAMESPACE in {"api", "admin", "accounts", "d", "releases", "downloads", "demo"}
+):
+    raise ImproperlyConfigured(
+        "WEIGHTS_HUB_NAMESPACE must be letters, digits, '-', '_' or '.', and not a portal path"
+    )
 # Expired links are closed (revoked, reason "Expired.") this long after expiry; until then
 # the link's page still says precisely that it expired and when.
 WEIGHTS_EXPIRED_LINK_GRACE_HOURS = envint("WEIGHTS_EXPIRED_LINK_GRACE_HOURS", 24, minimum=0)

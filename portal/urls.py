@@ -12,6 +12,8 @@ urlpatterns = [
     path("", include("access.urls")),
     path("", include("weights.urls")),
     path("", include("inference_demo.urls")),
+    # The Hugging Face Hub protocol, before the portal's own API and its JSON 404.
+    path("", include("weights.hub_urls")),
     path("api/", include("access.api_urls")),
     path("api/schema/", api_docs.SchemaView.as_view(), name="api-schema"),
     path("api/docs/", api_docs.DocsView.as_view(), name="api-docs"),

@@ -25,6 +25,9 @@ BIN = Path(sys.executable).parent
 STOP_TIMEOUT_S = 20  # from SIGTERM to SIGKILL: gunicorn and celery shut down gracefully
 LOG_TAIL = 3000
 NGINX_CONF = ROOT / "deploy" / "nginx" / "default.conf"
+# The key of every portal subprocess: a test that signs something the server must accept
+# (an API token's password stamp) sets its own settings.SECRET_KEY to it.
+SERVER_SECRET_KEY = "test-server-secret-key-" + "k" * 50
 
 
 def free_port() -> int:
@@ -108,6 +111,51 @@ def wait_for(
         time.sleep(0.3)
     tail = log.read_text()[-LOG_TAIL:] if log is not None and log.exists() else ""
     pytest.fail(f"{what} {reason}\n{tail}")
+
+
+def gunicorn_env(tmp: Path, port: int, storage: Mapping[str, str], threads: int) -> dict[str, str]:
+    """The portal as deployed (production settings, DEBUG off) on the test database."""
+    from django.conf import settings
+
+    (tmp / "var").mkdir(exist_ok=True)
+    return {
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DEBUG": "0",
+        "SECRET_KEY": SERVER_SECRET_KEY,
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # Plain HTTP on loopback: clients cannot add the X-Forwarded-Proto a TLS proxy would.
+        "SECURE_SSL_REDIRECT": "0",
+        "DATABASE_URL": test_database_url(),
+        "DATABASE_CONN_MAX_AGE": "0",
+        "REDIS_URL": "",
+        "PORTAL_VAR_DIR": str(tmp / "var"),
+        "PORTAL_SITE_URL": f"http://127.0.0.1:{port}",
+        "WEIGHTS_EVENT_BATCH": "1",  # each download event lands at once
+        "WEIGHTS_BUDGET_SLACK_BYTES": str(settings.WEIGHTS_BUDGET_SLACK_BYTES),
+        "GUNICORN_BIND": f"127.0.0.1:{port}",
+        "GUNICORN_WORKERS": "2",
+        "GUNICORN_THREADS": str(threads),
+        "FORWARDED_ALLOW_IPS": "127.0.0.1",  # nginx, and only nginx, names the client
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+        **storage,
+    }
+
+
+@contextlib.contextmanager
+def portal_gunicorn(
+    tmp: Path, storage: Mapping[str, str], *, threads: int = 4
+) -> Iterator[tuple[int, Path]]:
+    """gunicorn with deploy/gunicorn.conf.py on the test database: (port, log) once it answers."""
+    port = free_port()
+    log = tmp / "gunicorn.log"
+    with started(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"],
+        env=process_env(gunicorn_env(tmp, port, storage, threads)),
+        log=log,
+    ) as gunicorn:
+        wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=gunicorn)
+        yield port, log
 
 
 def nginx_binary() -> str | None:

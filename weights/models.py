@@ -23,6 +23,11 @@ class Release(models.Model):
     )
     description = models.TextField(blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
+    revision = models.CharField(
+        max_length=40,
+        blank=True,
+        help_text="Content hash of the release's files (40 hex): the Hub protocol's commit.",
+    )
     sort_order = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -37,9 +42,17 @@ class Release(models.Model):
 
 
 class Artifact(models.Model):
-    """One file of a release: `path` is what researchers see, `storage_key` where the bytes live."""
+    """One file of a release: `path` is what researchers see, `storage_key` where the bytes live.
+
+    A release holds Meta's original layout and, when its checkpoint loads, a Hugging Face
+    transformers variant converted from it; `path` is relative to its variant."""
+
+    class Variant(models.TextChoices):
+        ORIGINAL = "original", "Original (Meta layout)"
+        TRANSFORMERS = "transformers", "Hugging Face transformers"
 
     release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="artifacts")
+    variant = models.CharField(max_length=20, choices=Variant.choices, default=Variant.ORIGINAL)
     path = models.CharField(max_length=500)
     size = models.BigIntegerField()
     sha256 = models.CharField(max_length=64)
@@ -48,13 +61,22 @@ class Artifact(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["release", "path"]
+        ordering = ["release", "variant", "path"]
         constraints = [
-            models.UniqueConstraint(fields=["release", "path"], name="one_artifact_per_path")
+            models.UniqueConstraint(
+                fields=["release", "variant", "path"], name="one_artifact_per_variant_path"
+            )
         ]
 
     def __str__(self) -> str:
-        return f"{self.release.slug}/{self.path}"
+        return f"{self.release.slug}/{self.repo_path}"
+
+    @property
+    def repo_path(self) -> str:
+        """Its path in the Hub layout: transformers files at the top, Meta's under original/."""
+        if self.variant == self.Variant.TRANSFORMERS:
+            return self.path
+        return f"original/{self.path}"
 
 
 class DownloadLink(models.Model):

@@ -12,8 +12,9 @@ import logging
 import posixpath
 import shlex
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
@@ -57,7 +58,7 @@ from weights.services.budget import (
     refund,
 )
 from weights.services.events import download_event_record
-from weights.services.file_requests import link_file_resolve
+from weights.services.file_requests import LINK_VARIANT, link_file_resolve
 from weights.services.links import LinkRefused, link_recheck, link_resolve
 from weights.storage import StorageError, get_storage
 
@@ -94,8 +95,12 @@ def _file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[Fil
             url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
             remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
         )
-        for artifact in link.grant.release.artifacts.order_by("path")
+        for artifact in _link_files(link.grant.release)
     ]
+
+
+def _link_files(release) -> list[Artifact]:
+    return list(release.artifacts.filter(variant=LINK_VARIANT).order_by("path"))
 
 
 def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = None):
@@ -121,6 +126,10 @@ def landing(request: HttpRequest, token: str) -> HttpResponse:
         "cli_command": f'python -m weights.download "{landing_url}"',
         "script_url": reverse("weights:download_script", args=[token]),
         "manifest_url": reverse("weights:manifest", args=[token]),
+        "llama_stack_url": reverse("weights:llama_stack_manifest", args=[token]),
+        "hub_repo": f"{settings.WEIGHTS_HUB_NAMESPACE}/{link.grant.release.slug}",
+        "site_url": request.build_absolute_uri("/").rstrip("/"),
+        "tokens_url": reverse("access:api_tokens"),
         "downloads_url": reverse("weights:my_downloads"),
     }
     return protect(render(request, "weights/landing.html", context))
@@ -154,6 +163,31 @@ def manifest(request: HttpRequest, token: str) -> HttpResponse:
 
 
 @safe_methods
+def llama_stack_manifest(request: HttpRequest, token: str) -> HttpResponse:
+    """The link's files in the shape Meta's own tool reads:
+    `llama download --source meta --manifest-file llama-stack.json`."""
+    link, refused = _resolve_page(request, token, as_json=True)
+    if refused:
+        return refused
+    release = link.grant.release
+    # llama-stack compares expires_on with a naive datetime.now(): an aware value would
+    # make it crash, so this is naive UTC (early by the user's offset east of UTC, never late).
+    expires_on = link.expires_at.astimezone(UTC).replace(tzinfo=None, microsecond=0)
+    body = {
+        "models": [
+            {
+                "model_id": release.slug,
+                "files": {row.artifact.path: row.url for row in _file_rows(request, link, token)},
+            }
+        ],
+        "expires_on": expires_on.isoformat(),
+    }
+    response = JsonResponse(body)
+    response["Content-Disposition"] = content_disposition_header(True, "llama-stack.json")
+    return protect(response)
+
+
+@safe_methods
 def download_script(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token)
     if refused:
@@ -161,7 +195,7 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
     release = link.grant.release
     base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
     # The file endpoint would refuse any other path, so the script never asks for one.
-    artifacts = [a for a in release.artifacts.order_by("path") if artifact_path_ok(a.path)]
+    artifacts = [a for a in _link_files(release) if artifact_path_ok(a.path)]
     title = one_line(release.name)
     # Every value reaches sh as a single-quoted word, and every path as ./path, so no name
     # can run a command or pass for an option. The comment lines get a one-line title.
@@ -196,7 +230,9 @@ def _artifact_for(link: DownloadLink, path: str) -> Artifact | None:
     """The file at `path` in the link's own release, or None."""
     if not artifact_path_ok(path):
         return None
-    return Artifact.objects.filter(release_id=link.grant.release_id, path=path).first()
+    return Artifact.objects.filter(
+        release_id=link.grant.release_id, variant=LINK_VARIANT, path=path
+    ).first()
 
 
 @dataclass(frozen=True)
@@ -237,6 +273,19 @@ class Visit:
         )
 
 
+@dataclass(frozen=True)
+class Door:
+    """What differs between the front doors to the same file (a link URL, the Hub protocol):
+    how a refusal reads, and the headers a door adds to every file response. Everything
+    else (checks, budget, events, serving) is `deliver`, the same for every door."""
+
+    refuse: Callable[[HttpRequest, Refusal], HttpResponse] = refusal_response
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+LINK_DOOR = Door()
+
+
 def _refuse_file(
     request: HttpRequest,
     visit: Visit,
@@ -244,11 +293,12 @@ def _refuse_file(
     *,
     link: DownloadLink | None,
     artifact: Artifact | None,
+    door: Door = LINK_DOOR,
 ) -> HttpResponse:
     visit.record(
         link=link, artifact=artifact, nbytes=0, status=refusal.status, outcome=refusal.outcome
     )
-    return refusal_response(request, refusal)
+    return door.refuse(request, refusal)
 
 
 @safe_methods
@@ -263,22 +313,34 @@ def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
         )
     if artifact is None:
         return _refuse_file(request, visit, not_found(), link=link, artifact=None)
+    return deliver(request, visit, link, artifact)
 
+
+def deliver(
+    request: HttpRequest,
+    visit: Visit,
+    link: DownloadLink,
+    artifact: Artifact,
+    door: Door = LINK_DOOR,
+) -> HttpResponse:
+    """Serve `artifact` on `link`, which the caller's door has resolved and checked: HEAD,
+    conditional and range requests, the budget, the event, and the bytes from local
+    storage, nginx (X-Accel) or S3 (a presigned redirect)."""
     etag = f'"{artifact.sha256}"'
     if request.method == "HEAD":  # Range does not apply to HEAD; nothing is charged
         visit.record(link=link, artifact=artifact, nbytes=0, status=200, outcome=Outcome.HEAD)
-        return _file_headers(HttpResponse(), artifact, etag, artifact.size)
+        return _file_headers(HttpResponse(), artifact, etag, artifact.size, door)
     if etag_matches(request.headers.get("If-None-Match"), etag):
         visit.record(
             link=link, artifact=artifact, nbytes=0, status=304, outcome=Outcome.NOT_MODIFIED
         )
-        return _file_headers(HttpResponse(status=304), artifact, etag, None)
+        return _file_headers(HttpResponse(status=304), artifact, etag, None, door)
     try:
         allowed = if_range_allows(request.headers.get("If-Range"), etag)
         byte_range = parse_range(visit.range_header if allowed else None, artifact.size)
     except Unsatisfiable:
         visit.record(link=link, artifact=artifact, nbytes=0, status=416, outcome=Outcome.BAD_RANGE)
-        response = refusal_response(request, bad_range(artifact.size))
+        response = door.refuse(request, bad_range(artifact.size))
         response["Content-Range"] = f"bytes */{artifact.size}"
         return response
 
@@ -287,16 +349,16 @@ def file(request: HttpRequest, token: str, path: str) -> HttpResponse:
         local = storage.local_path(artifact.storage_key)
     except StorageError:
         logger.exception("artifact %s has an unusable storage key", artifact.pk)
-        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     if local is None:
-        return _serve_redirect(request, visit, storage, link, artifact, byte_range)
+        return _serve_redirect(request, visit, storage, link, artifact, byte_range, door)
     if settings.WEIGHTS_X_ACCEL_PREFIX:
-        return _serve_accel(request, visit, link, artifact, byte_range, etag)
-    return _serve_local(request, visit, local, link, artifact, byte_range, etag)
+        return _serve_accel(request, visit, link, artifact, byte_range, etag, door)
+    return _serve_local(request, visit, local, link, artifact, byte_range, etag, door)
 
 
 def _file_headers(
-    response: HttpResponse, artifact: Artifact, etag: str, length: int | None
+    response: HttpResponse, artifact: Artifact, etag: str, length: int | None, door: Door
 ) -> HttpResponse:
     response["ETag"] = etag
     response["Accept-Ranges"] = "bytes"
@@ -307,14 +369,16 @@ def _file_headers(
     if length is not None:
         response["Content-Length"] = str(length)
     response["Content-Security-Policy"] = FILE_POLICY
+    for name, value in door.headers.items():
+        response[name] = value
     return protect(response, cache=FILE_CACHE)
 
 
 def _refuse_budget(
-    request: HttpRequest, visit: Visit, link: DownloadLink, artifact: Artifact
+    request: HttpRequest, visit: Visit, link: DownloadLink, artifact: Artifact, door: Door
 ) -> HttpResponse:
     refusal = Refusal.from_error(budget_spent_error(link, artifact))
-    return _refuse_file(request, visit, refusal, link=link, artifact=artifact)
+    return _refuse_file(request, visit, refusal, link=link, artifact=artifact, door=door)
 
 
 def _serve_local(
@@ -325,19 +389,20 @@ def _serve_local(
     artifact: Artifact,
     byte_range: ByteRange | None,
     etag: str,
+    door: Door,
 ) -> HttpResponse:
     start, length = (byte_range.start, byte_range.length) if byte_range else (0, artifact.size)
     try:
         handle = local.open("rb")
     except OSError:
         logger.exception("artifact %s is missing from local storage", artifact.pk)
-        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     flow = FlowingCharge.begin(
         link=link, artifact=artifact, address=visit.ip_address, start=start, length=length
     )
     if flow is None:
         handle.close()
-        return _refuse_budget(request, visit, link, artifact)
+        return _refuse_budget(request, visit, link, artifact, door)
     status = 206 if byte_range else 200
     stream = MeteredStream(
         handle,
@@ -348,7 +413,7 @@ def _serve_local(
     response = StreamingHttpResponse(stream, status=status)
     if byte_range:
         response["Content-Range"] = byte_range.content_range
-    return _file_headers(response, artifact, etag, length)
+    return _file_headers(response, artifact, etag, length, door)
 
 
 def _record_stream(visit: Visit, link: DownloadLink, artifact: Artifact, status: int, length: int):
@@ -449,6 +514,7 @@ def _serve_accel(
     artifact: Artifact,
     byte_range: ByteRange | None,
     etag: str,
+    door: Door,
 ) -> HttpResponse:
     """nginx sends the bytes (and applies the Range itself); we charge the authorised range."""
     if request.headers.get("If-Range") is not None:
@@ -456,11 +522,11 @@ def _serve_accel(
         byte_range = None
     span = (byte_range.start, byte_range.end + 1) if byte_range else (0, artifact.size)
     if not authorise(link=link, artifact=artifact, address=visit.ip_address, span=span):
-        return _refuse_budget(request, visit, link, artifact)
+        return _refuse_budget(request, visit, link, artifact, door)
     status = 206 if byte_range else 200
     nbytes = span[1] - span[0]
     visit.record(link=link, artifact=artifact, nbytes=nbytes, status=status, outcome=Outcome.SERVED)
-    response = _file_headers(HttpResponse(b""), artifact, etag, None)
+    response = _file_headers(HttpResponse(b""), artifact, etag, None, door)
     response["X-Accel-Redirect"] = settings.WEIGHTS_X_ACCEL_PREFIX + quote(artifact.storage_key)
     return response
 
@@ -490,6 +556,7 @@ def _serve_redirect(
     link: DownloadLink,
     artifact: Artifact,
     byte_range: ByteRange | None,
+    door: Door,
 ) -> HttpResponse:
     """S3: a presigned GET minted now, valid for minutes; we charge the authorised range."""
     span = (byte_range.start, byte_range.end + 1) if byte_range else (0, artifact.size)
@@ -497,11 +564,11 @@ def _serve_redirect(
     if not _object_reachable(storage, artifact):
         # Presigning is local: without this a bucket outage would charge for bytes that
         # can never arrive.
-        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     # Presigning cannot fail once the object answered, so the charge comes first and a
     # refusal never leaves a usable URL behind.
     if not authorise(link=link, artifact=artifact, address=visit.ip_address, span=span):
-        return _refuse_budget(request, visit, link, artifact)
+        return _refuse_budget(request, visit, link, artifact, door)
     try:
         url = storage.presigned_get(
             artifact.storage_key,
@@ -513,8 +580,11 @@ def _serve_redirect(
     except StorageError:
         refund(link=link, artifact=artifact, paid=nbytes)
         logger.exception("could not presign artifact %s", artifact.pk)
-        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact)
+        return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     visit.record(
         link=link, artifact=artifact, nbytes=nbytes, status=302, outcome=Outcome.REDIRECTED
     )
-    return protect(HttpResponseRedirect(url))
+    response = HttpResponseRedirect(url)
+    for name, value in door.headers.items():
+        response[name] = value
+    return protect(response)

@@ -13,5 +13,10 @@ urlpatterns = [
     re_path(rf"^d/{TOKEN}/$", serving.landing, name="landing"),
     re_path(rf"^d/{TOKEN}/manifest\.json$", serving.manifest, name="manifest"),
     re_path(rf"^d/{TOKEN}/download\.sh$", serving.download_script, name="download_script"),
+    re_path(
+        rf"^d/{TOKEN}/llama-stack\.json$",
+        serving.llama_stack_manifest,
+        name="llama_stack_manifest",
+    ),
     re_path(rf"^d/{TOKEN}/(?P<path>[\s\S]+)$", serving.file, name="file"),
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,30 @@ import pytest
 from tests.conftest import skip_unless_required
 from tests.servers import free_port
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
-from weights.storage import get_storage, reset_storage
+from weights.storage import S3Storage, get_storage, reset_storage
+
+# What a portal subprocess needs, besides the endpoint and bucket, to use the moto server.
+S3_KEYS = {"WEIGHTS_S3_REGION": "us-east-1", "WEIGHTS_S3_ADDRESSING_STYLE": "path"}
+S3_KEYS |= {"WEIGHTS_S3_ACCESS_KEY_ID": "testing", "WEIGHTS_S3_SECRET_ACCESS_KEY": "testing"}
+
+
+@contextlib.contextmanager
+def s3_bucket(endpoint: str, bucket: str) -> Iterator[None]:
+    """A bucket on the moto server for a module's portal subprocess, emptied and deleted after."""
+    client = S3Storage(
+        bucket=bucket,
+        endpoint_url=endpoint,
+        region=S3_KEYS["WEIGHTS_S3_REGION"],
+        access_key_id=S3_KEYS["WEIGHTS_S3_ACCESS_KEY_ID"],
+        secret_access_key=S3_KEYS["WEIGHTS_S3_SECRET_ACCESS_KEY"],
+        addressing_style=S3_KEYS["WEIGHTS_S3_ADDRESSING_STYLE"],
+        multipart_threshold=64 * MIB,
+    ).client
+    client.create_bucket(Bucket=bucket)
+    yield
+    for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    client.delete_bucket(Bucket=bucket)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,17 +29,7 @@ from django.db import connection
 
 from access.services.reviews import application_approve
 from tests.conftest import require_tools, skip_unless_required
-from tests.servers import (
-    LOG_TAIL,
-    free_port,
-    healthz_answers,
-    nginx_binary,
-    nginx_running,
-    process_env,
-    started,
-    test_database_url,
-    wait_for,
-)
+from tests.servers import LOG_TAIL, nginx_binary, nginx_running, portal_gunicorn
 from tests.weights.clients import (
     CLIENTS,
     Client,
@@ -51,11 +40,11 @@ from tests.weights.clients import (
     run_client,
     size,
 )
-from tests.weights.conftest import point_settings_at_s3
+from tests.weights.conftest import S3_KEYS, point_settings_at_s3, s3_bucket
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.services.links import link_issue
 from weights.services.publishing import release_publish
-from weights.storage import S3Storage, reset_storage
+from weights.storage import reset_storage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -65,8 +54,6 @@ PATH = "7B/consolidated.00.pth"
 RATE = 16 * MIB  # bytes per second: a 32 MiB file takes about 2 s, so each cut lands mid-file
 MODES = ("local", "xaccel", "s3")
 X_ACCEL_PREFIX = "/protected-weights/"
-S3_KEYS = {"WEIGHTS_S3_REGION": "us-east-1", "WEIGHTS_S3_ADDRESSING_STYLE": "path"}
-S3_KEYS |= {"WEIGHTS_S3_ACCESS_KEY_ID": "testing", "WEIGHTS_S3_SECRET_ACCESS_KEY": "testing"}
 # Where portal/settings.py keeps the cache without REDIS_URL (migration portal 0002).
 EMBEDDED_CACHE_TABLE = "portal_cache"
 
@@ -126,20 +113,11 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
         if mode == "s3":
             endpoint = request.getfixturevalue("s3_server")
             bucket = f"matrix-{uuid.uuid4().hex[:12]}"
-            stack.enter_context(_bucket(endpoint, bucket))
+            stack.enter_context(s3_bucket(endpoint, bucket))
             storage = {"WEIGHTS_STORAGE": "s3", "WEIGHTS_S3_ENDPOINT_URL": endpoint, **S3_KEYS}
             storage["WEIGHTS_S3_BUCKET"] = bucket
             s3 = {"s3_endpoint": endpoint, "bucket": bucket}
-        port = free_port()
-        log = tmp / "gunicorn.log"
-        gunicorn = stack.enter_context(
-            started(
-                [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py"],
-                env=process_env(_gunicorn_env(tmp, port, storage)),
-                log=log,
-            )
-        )
-        wait_for(lambda: healthz_answers(port), "gunicorn", log=log, timeout=60, process=gunicorn)
+        port, log = stack.enter_context(portal_gunicorn(tmp, storage, threads=16))  # aria2c -x16
         url, front = f"http://127.0.0.1:{port}", {}
         if nginx:
             # nginx on a port of its own: it passes the client's Host on, port included, so
@@ -149,49 +127,6 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
             # What an outer TLS terminator adds.
             front = {"headers": {"X-Forwarded-Proto": "https"}}
         yield Portal(mode=mode, url=url, log=log, local_root=root, **s3, **front)
-
-
-def _gunicorn_env(tmp: Path, port: int, storage: dict[str, str]) -> dict[str, str]:
-    (tmp / "var").mkdir()
-    return {
-        "DJANGO_SETTINGS_MODULE": "portal.settings",
-        "DEBUG": "0",
-        "SECRET_KEY": settings.SECRET_KEY + "-" + "x" * 50,
-        "ALLOWED_HOSTS": "127.0.0.1",
-        # Plain HTTP on loopback: the CLI cannot add the X-Forwarded-Proto a TLS proxy would.
-        "SECURE_SSL_REDIRECT": "0",
-        "DATABASE_URL": test_database_url(),
-        "DATABASE_CONN_MAX_AGE": "0",
-        "REDIS_URL": "",
-        "PORTAL_VAR_DIR": str(tmp / "var"),
-        "WEIGHTS_EVENT_BATCH": "1",  # each download event lands at once
-        "WEIGHTS_BUDGET_SLACK_BYTES": str(settings.WEIGHTS_BUDGET_SLACK_BYTES),
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "GUNICORN_WORKERS": "2",
-        "GUNICORN_THREADS": "16",  # aria2c -x16
-        "FORWARDED_ALLOW_IPS": "127.0.0.1",  # nginx, and only nginx, names the client
-        "LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
-        **storage,
-    }
-
-
-@contextlib.contextmanager
-def _bucket(endpoint: str, bucket: str) -> Iterator[None]:
-    client = S3Storage(
-        bucket=bucket,
-        endpoint_url=endpoint,
-        region=S3_KEYS["WEIGHTS_S3_REGION"],
-        access_key_id=S3_KEYS["WEIGHTS_S3_ACCESS_KEY_ID"],
-        secret_access_key=S3_KEYS["WEIGHTS_S3_SECRET_ACCESS_KEY"],
-        addressing_style=S3_KEYS["WEIGHTS_S3_ADDRESSING_STYLE"],
-        multipart_threshold=64 * MIB,
-    ).client
-    client.create_bucket(Bucket=bucket)
-    yield
-    for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
-        client.delete_object(Bucket=bucket, Key=obj["Key"])
-    client.delete_bucket(Bucket=bucket)
 
 
 # --- a link per test ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def _sql() -> str:
         f"AND a.license_version_id = ({current.format(col='id', **tables)})), "
         "f.id, f.path, f.size, f.sha256, f.md5, f.storage_key "
         "FROM {link} l JOIN {grant} g ON g.id = l.grant_id JOIN {user} u ON u.id = g.user_id "
-        "LEFT JOIN {file} f ON f.release_id = g.release_id AND f.path = %s "
+        "LEFT JOIN {file} f ON f.release_id = g.release_id AND f.variant = %s AND f.path = %s "
         "WHERE l.token_hash = %s"
     ).format(**tables)
 
@@ -69,6 +69,10 @@ def _instance(model: type[Model], **values: object) -> Model:
     return model.from_db(connection.alias, names, [values[name] for name in names])
 
 
+# A link serves Meta's original layout; the transformers variant is the Hub door's.
+LINK_VARIANT = Artifact.Variant.ORIGINAL
+
+
 def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | None]:
     """The link (checked as link_resolve checks it) and the file at `path` in its release,
     or None when the release has no such file. Raises the precise LinkRefused."""
@@ -77,7 +81,7 @@ def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | N
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     wanted = path if artifact_path_ok(path) else None
     with hot_cursor() as cursor:
-        cursor.execute(_sql(), [now, now, wanted, tokens.token_hash(token)])
+        cursor.execute(_sql(), [now, now, LINK_VARIANT, wanted, tokens.token_hash(token)])
         row = cursor.fetchone()
     if row is None:
         raise LinkInvalid(INVALID)
@@ -109,6 +113,7 @@ def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | N
         Artifact,
         id=file_id,
         release_id=release_id,
+        variant=LINK_VARIANT,
         path=file_path,
         size=size,
         sha256=sha256,

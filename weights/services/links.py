@@ -71,6 +71,7 @@ EXPIRED = "This download link expired on {when}. Sign in and request a fresh lin
 REVOKED = "This download link was revoked. Sign in to My downloads to see your access."
 GRANT_REVOKED = "Your access to {release} was revoked; this link no longer works."
 EXPIRED_REASON = "Expired."  # the revoke_reason the expiry sweep writes
+REPLACED_REASON = "Replaced by a fresh link."
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def link_issue(
             raise LinkRevoked(GRANT_REVOKED.format(release=grant.release))
         now = _now()
         DownloadLink.objects.filter(grant=grant, revoked_at__isnull=True).update(
-            revoked_at=now, revoke_reason="Replaced by a fresh link."
+            revoked_at=now, revoke_reason=REPLACED_REASON
         )
         token = tokens.new_token()
         link = DownloadLink.objects.create(
@@ -178,7 +179,7 @@ def link_resolve(token: str) -> DownloadLink:
     if not tokens.looks_like_token(token):
         raise LinkInvalid(INVALID)
     try:
-        link = _links_with_access_facts().get(token_hash=tokens.token_hash(token))
+        link = links_with_access_facts().get(token_hash=tokens.token_hash(token))
     except DownloadLink.DoesNotExist:
         raise LinkInvalid(INVALID) from None
     link_check(link, in_flight=False)
@@ -191,7 +192,7 @@ def link_recheck(*, link_id: int) -> LinkRefused | None:
     The rules of link_resolve, read afresh from the database, except expiry: a transfer
     authorised before the link expired may finish, as a presigned URL's would."""
     try:
-        link = _links_with_access_facts().get(pk=link_id)
+        link = links_with_access_facts().get(pk=link_id)
     except DownloadLink.DoesNotExist:
         return LinkInvalid(INVALID)
     try:
@@ -201,7 +202,7 @@ def link_recheck(*, link_id: int) -> LinkRefused | None:
     return None
 
 
-def _links_with_access_facts():
+def links_with_access_facts():
     """Links with their grant, release and user, and the license facts the access check
     needs (current version, accepted by the grant's user): one query per request."""
     current = LicenseVersion.objects.filter(effective_from__lte=_now()).order_by(

@@ -22,6 +22,7 @@ from django.utils import timezone
 from weights.checksums import CHECKLIST_NAMES, ChecklistError, file_digests, parse_checklist
 from weights.models import Artifact, Release
 from weights.paths import artifact_path_ok
+from weights.services.revisions import release_revision_refresh
 from weights.storage import get_storage
 
 NOT_A_DIRECTORY = "{directory} is not a directory"
@@ -90,6 +91,7 @@ def release_publish(
     parameter_count: int | None = None,
     description: str = "",
     progress: ProgressFactory | None = None,
+    variant: str = Artifact.Variant.ORIGINAL,
 ) -> PublishResult:
     """Publish every file under `directory` as release `slug`.
 
@@ -111,7 +113,9 @@ def release_publish(
 
     files = {path: _hash(directory, path, progress) for path in paths}
     verify_checklists(files)
-    published = dict(Artifact.objects.filter(release__slug=slug).values_list("path", "sha256"))
+    published = dict(
+        Artifact.objects.filter(release__slug=slug, variant=variant).values_list("path", "sha256")
+    )
     _refuse_changes(files.values(), published, slug)
     new = [f for f in files.values() if f.path not in published]
 
@@ -137,12 +141,13 @@ def release_publish(
             },
         )
         # Another publisher may have won the race since we looked.
-        published = dict(release.artifacts.values_list("path", "sha256"))
+        published = dict(release.artifacts.filter(variant=variant).values_list("path", "sha256"))
         _refuse_changes(files.values(), published, slug)
         created = [f for f in files.values() if f.path not in published]
         Artifact.objects.bulk_create(
             Artifact(
                 release=release,
+                variant=variant,
                 path=f.path,
                 size=f.size,
                 sha256=f.sha256,
@@ -154,6 +159,7 @@ def release_publish(
         if release.published_at is None:
             release.published_at = timezone.now()
             release.save(update_fields=["published_at"])
+        release_revision_refresh(release)
 
     return PublishResult(
         release=release,

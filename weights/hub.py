@@ -1,0 +1,278 @@
+"""The Hugging Face Hub protocol: `HF_ENDPOINT=<portal>` with a portal API token as the HF
+token, and `hf download`, `snapshot_download`, `hf_hub_download` and transformers'
+`from_pretrained` work unmodified against a granted release.
+
+    GET  /api/models/<ns>/<slug>[/revision/<rev>]      repo info: sha, siblings, gated
+    GET  /api/models/<ns>/<slug>/tree/<rev>[/<path>]   a folder's entries
+    GET  /api/whoami-v2                                who the token belongs to
+    HEAD|GET /<ns>/<slug>/resolve/<rev>/<path>         a file (Range, 302 to S3)
+
+Repo info is public, as a gated repo's is on the Hub; files need a grant. A file request
+goes through weights.serving.deliver, the same checks, budget, events and serving as a
+/d/<token>/ link; only the errors differ: the headers the client turns into
+RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError and GatedRepoError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions
+
+from access.authentication import ApiTokenAuthentication
+from access.models import ApiToken
+from portal.text import one_line
+from weights.models import Artifact, Release
+from weights.refusals import Refusal, quiet, safe_methods
+from weights.services.hub_access import (
+    BAD_TOKEN,
+    BadCredentials,
+    EntryNotFound,
+    HubRefused,
+    hub_link,
+    repo_file,
+    repo_files,
+    repo_id,
+    repo_release,
+    revision_check,
+)
+from weights.serving import Door, Visit, deliver
+
+HUB_BAD_CREDENTIALS = "Invalid credentials in Authorization header"
+FOLDER_NOT_FOUND = "{path} is not a folder of {repo}."
+LFS_POINTER_SIZE = 134  # what the Hub reports for a Git LFS pointer file
+
+
+class _Caller:
+    """The API token's user, or anonymous; a bad token is a refusal, never anonymous."""
+
+    def __init__(self, user: AbstractBaseUser | AnonymousUser, token: ApiToken | None) -> None:
+        self.user, self.token = user, token
+
+
+def _caller(request: HttpRequest) -> _Caller:
+    try:
+        found = ApiTokenAuthentication().authenticate(request)
+    except exceptions.AuthenticationFailed as error:
+        raise BadCredentials(
+            f"{error.detail} {BAD_TOKEN.format(url=_tokens_url(request))}"
+        ) from None
+    if found is None:
+        return _Caller(AnonymousUser(), None)
+    return _Caller(*found)
+
+
+def _tokens_url(request: HttpRequest) -> str:
+    return request.build_absolute_uri("/account/api-tokens/")
+
+
+def _hub_error(request: HttpRequest, error: HubRefused) -> HttpResponse:
+    # The client reads a 401 from /api/models/ as "repository not found" unless it carries
+    # the Hub's own words for a bad token; our message is then in the body. A file request
+    # (HEAD first: no body) gets our message in the header.
+    header = (
+        HUB_BAD_CREDENTIALS
+        if isinstance(error, BadCredentials) and request.path.startswith("/api/")
+        else None
+    )
+    return _error_response(error.status, error.error_code, str(error), header=header)
+
+
+def _error_response(
+    status: int, error_code: str, message: str, *, header: str | None = None
+) -> HttpResponse:
+    """The portal's API envelope, plus what huggingface_hub reads: `error` and the
+    X-Error-Code / X-Error-Message headers (HEAD responses have no body)."""
+    message = one_line(message)
+    code = error_code or ("invalid_token" if status == 401 else "refused")
+    response = JsonResponse(
+        {"detail": message, "code": code, "errors": {}, "error": message}, status=status
+    )
+    if error_code:
+        response["X-Error-Code"] = error_code
+    response["X-Error-Message"] = header or message.encode("ascii", "replace").decode("ascii")
+    return quiet(response)
+
+
+def _hub_refusal(commit: str):
+    """A refusal of the shared file path, as the Hub client reads it."""
+
+    def refuse(request: HttpRequest, refusal: Refusal) -> HttpResponse:
+        code = "GatedRepo" if refusal.status in (401, 403) else ""
+        if refusal.code == "not_found":
+            code = "EntryNotFound"
+        response = _error_response(refusal.status, code, refusal.message)
+        response["X-Repo-Commit"] = commit
+        return response
+
+    return refuse
+
+
+def _hub_timestamp(value: datetime | None) -> str:
+    value = (value or datetime.now(UTC)).astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _blob_id(artifact: Artifact) -> str:
+    """A stable 40-hex id per file content, where the Hub gives the git blob's."""
+    return hashlib.sha1(artifact.sha256.encode(), usedforsecurity=False).hexdigest()
+
+
+def _sibling(artifact: Artifact) -> dict:
+    return {
+        "rfilename": artifact.repo_path,
+        "size": artifact.size,
+        "blobId": _blob_id(artifact),
+        "lfs": {"sha256": artifact.sha256, "size": artifact.size, "pointerSize": LFS_POINTER_SIZE},
+    }
+
+
+def _model_info(release: Release, commit: str) -> dict:
+    files = repo_files(release)
+    has_transformers = any(a.variant == Artifact.Variant.TRANSFORMERS for a in files)
+    namespace = repo_id(release).split("/")[0]
+    return {
+        "_id": f"release-{release.pk}",
+        "id": repo_id(release),
+        "modelId": repo_id(release),
+        "author": namespace,
+        "sha": commit,
+        "lastModified": _hub_timestamp(release.published_at),
+        "createdAt": _hub_timestamp(release.created_at),
+        "private": False,
+        "disabled": False,
+        "gated": "manual",
+        "downloads": 0,
+        "likes": 0,
+        "library_name": "transformers" if has_transformers else None,
+        "pipeline_tag": "text-generation",
+        "tags": [release.family, "text-generation"]
+        + (["transformers"] if has_transformers else []),
+        "cardData": {"license": "other", "license_name": "noncommercial research license"},
+        "usedStorage": sum(a.size for a in files),
+        "siblings": [_sibling(a) for a in files],
+    }
+
+
+@safe_methods
+def model_info(request: HttpRequest, namespace: str, name: str, revision: str = "main"):
+    try:
+        _caller(request)  # public, but a bad token is still refused
+        release = repo_release(namespace, name)
+        commit = revision_check(release, revision)
+    except HubRefused as error:
+        return _hub_error(request, error)
+    return JsonResponse(_model_info(release, commit))
+
+
+@safe_methods
+def tree(request: HttpRequest, namespace: str, name: str, revision: str, path: str = ""):
+    try:
+        _caller(request)
+        release = repo_release(namespace, name)
+        commit = revision_check(release, revision)
+    except HubRefused as error:
+        return _hub_error(request, error)
+    folder = path.strip("/")
+    recursive = request.GET.get("recursive", "").lower() in ("1", "true")
+    prefix = f"{folder}/" if folder else ""
+    entries: dict[str, dict] = {}
+    for artifact in repo_files(release):
+        if not artifact.repo_path.startswith(prefix):
+            continue
+        rest = artifact.repo_path.removeprefix(prefix)
+        parts = rest.split("/")
+        # Each folder above the file, down to this listing's depth, is an entry of its own.
+        for depth in range(1, len(parts)):
+            if depth > 1 and not recursive:
+                break
+            folder_path = prefix + "/".join(parts[:depth])
+            entries.setdefault(
+                folder_path,
+                {"type": "directory", "oid": _tree_id(folder_path, commit), "path": folder_path},
+            )
+        if len(parts) == 1 or recursive:
+            entries[artifact.repo_path] = {
+                "type": "file",
+                "oid": _blob_id(artifact),
+                "size": artifact.size,
+                "path": artifact.repo_path,
+                "lfs": {
+                    "oid": artifact.sha256,
+                    "size": artifact.size,
+                    "pointerSize": LFS_POINTER_SIZE,
+                },
+            }
+    if folder and not entries:
+        return _hub_error(
+            request, EntryNotFound(FOLDER_NOT_FOUND.format(path=folder, repo=repo_id(release)))
+        )
+    return JsonResponse([entries[key] for key in sorted(entries)], safe=False)
+
+
+def _tree_id(path: str, commit: str) -> str:
+    return hashlib.sha1(f"{commit}\0{path}".encode(), usedforsecurity=False).hexdigest()
+
+
+@safe_methods
+def whoami(request: HttpRequest) -> HttpResponse:
+    try:
+        caller = _caller(request)
+    except HubRefused as error:
+        return _hub_error(request, error)
+    if caller.token is None:
+        message = f"Send a portal API token. {BAD_TOKEN.format(url=_tokens_url(request))}"
+        return _error_response(401, "", message, header=HUB_BAD_CREDENTIALS)
+    user = caller.user
+    return JsonResponse(
+        {
+            "type": "user",
+            "id": str(user.pk),
+            "name": user.get_username(),
+            "fullname": user.get_full_name() or user.get_username(),
+            "email": user.email,
+            "emailVerified": True,
+            "isPro": False,
+            "orgs": [],
+            "auth": {
+                "type": "access_token",
+                "accessToken": {"displayName": caller.token.name, "role": "read"},
+            },
+        }
+    )
+
+
+@safe_methods
+def resolve(request: HttpRequest, namespace: str, name: str, revision: str, path: str):
+    visit = Visit.of(request)
+    try:
+        caller = _caller(request)
+        release = repo_release(namespace, name)
+        commit = revision_check(release, revision)
+        artifact = repo_file(release, path, commit)
+    except HubRefused as error:
+        return _hub_error(request, error)
+    try:
+        link = hub_link(caller.user, release)
+    except HubRefused as error:
+        if error.refusal is not None:  # the grant's link refused: the audit row a link writes
+            outcome = Refusal.from_error(error.refusal).outcome
+            visit.record(
+                link=error.link, artifact=artifact, nbytes=0, status=error.status, outcome=outcome
+            )
+        response = _hub_error(request, error)
+        response["X-Repo-Commit"] = commit
+        return response
+    etag = f'"{artifact.sha256}"'
+    door = Door(
+        refuse=_hub_refusal(commit),
+        headers={
+            "X-Repo-Commit": commit,
+            "X-Linked-Etag": etag,
+            "X-Linked-Size": str(artifact.size),
+        },
+    )
+    return deliver(request, visit, link, artifact, door)
