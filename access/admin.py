@@ -7,14 +7,18 @@ Decisions need the access.decide_application permission.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import IS_POPUP_VAR
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 from django_countries import countries
 
 from access import admin_actions
@@ -27,9 +31,13 @@ from access.models import (
     LicenseAcceptance,
     LicenseVersion,
     Notification,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEventType,
 )
 from access.selectors import review_queue, screening_flags
-from access.services import reviews
+from access.services import reviews, webhooks
 from access.services.licenses import license_publish
 from access.services.notifications import outbox_retry
 
@@ -444,3 +452,203 @@ class ApiTokenAdmin(ReadOnlyAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("access.delete_apitoken")
+
+
+# --- Webhooks (access.services.webhooks, docs/webhooks.md) --------------------------------
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    event_types = forms.MultipleChoiceField(
+        choices=WebhookEventType.choices,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Events POSTed to this URL. The test event (ping) is sent only on request.",
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("url", "description", "event_types", "is_active")
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
+    list_display = ("__str__", "url", "is_active", "subscribed", "deliveries_link", "created_at")
+    list_display_links = ("__str__",)
+    list_filter = ("is_active",)
+    search_fields = ("url", "description")
+    actions = ("send_test_event", "rotate_secret")
+    readonly_fields = ("secret", "secret_grace", "recent_deliveries", "created_at", "updated_at")
+    RECENT = 10
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None):
+        endpoint = (None, {"fields": ("url", "description", "event_types", "is_active")})
+        if obj is None:  # the secret is generated when the endpoint is saved
+            return (endpoint,)
+        return (
+            endpoint,
+            ("Signing", {"fields": ("secret", "secret_grace")}),
+            ("Delivery log", {"fields": ("recent_deliveries",)}),
+            ("Dates", {"fields": ("created_at", "updated_at")}),
+        )
+
+    def response_add(self, request: HttpRequest, obj: WebhookEndpoint, post_url_continue=None):
+        if "_addanother" in request.POST or IS_POPUP_VAR in request.POST:
+            return super().response_add(request, obj, post_url_continue)
+        # The secret exists only from now on: show it rather than the list.
+        self.message_user(
+            request, "Copy the signing secret below into your receiver.", messages.INFO
+        )
+        return HttpResponseRedirect(reverse("admin:access_webhookendpoint_change", args=[obj.pk]))
+
+    @admin.display(description="events")
+    def subscribed(self, obj: WebhookEndpoint) -> str:
+        return ", ".join(obj.event_types) or "—"
+
+    @admin.display(description="deliveries")
+    def deliveries_link(self, obj: WebhookEndpoint) -> str:
+        url = reverse("admin:access_webhookdelivery_changelist")
+        return format_html('<a href="{}?endpoint__id__exact={}">Delivery log</a>', url, obj.pk)
+
+    @admin.display(description="previous secret")
+    def secret_grace(self, obj: WebhookEndpoint) -> str:
+        if not obj.previous_secret_at(timezone.now()):
+            return "—"
+        return (
+            f"The secret it replaced still signs requests (a second v1) until "
+            f"{obj.previous_secret_expires_at:%Y-%m-%d %H:%M} UTC."
+        )
+
+    @admin.display(description=f"last {RECENT} deliveries")
+    def recent_deliveries(self, obj: WebhookEndpoint) -> str:
+        rows = obj.deliveries.order_by("-created_at", "-pk")[: self.RECENT]
+        body = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse("admin:access_webhookdelivery_change", args=[row.pk]),
+                    f"{row.created_at:%Y-%m-%d %H:%M:%S}",
+                    row.event_type,
+                    row.get_status_display(),
+                    row.attempts,
+                    row.last_response_status or row.last_error or "—",
+                )
+                for row in rows
+            ),
+        )
+        if not body:
+            return "No deliveries yet."
+        return format_html(
+            "<table><thead><tr><th>Created</th><th>Event</th><th>Status</th><th>Attempts</th>"
+            "<th>Last answer</th></tr></thead><tbody>{}</tbody></table>"
+            '<p><a href="{}?endpoint__id__exact={}">All deliveries of this endpoint</a></p>',
+            body,
+            reverse("admin:access_webhookdelivery_changelist"),
+            obj.pk,
+        )
+
+    @admin.action(
+        description="Send a test event (ping) to selected endpoints", permissions=["change"]
+    )
+    def send_test_event(self, request: HttpRequest, queryset) -> None:
+        inactive = [endpoint for endpoint in queryset if not endpoint.is_active]
+        active = [endpoint for endpoint in queryset if endpoint.is_active]
+        for endpoint in active:
+            webhooks.ping_send(endpoint=endpoint)
+        if active:
+            self.message_user(
+                request,
+                f"Test event queued for {len(active)} endpoint(s); see the delivery log.",
+                messages.SUCCESS,
+            )
+        if inactive:
+            self.message_user(
+                request,
+                f"Not sent to {len(inactive)} inactive endpoint(s): "
+                + ", ".join(str(endpoint) for endpoint in inactive),
+                messages.WARNING,
+            )
+
+    @admin.action(
+        description="Rotate the signing secret of selected endpoints", permissions=["change"]
+    )
+    def rotate_secret(self, request: HttpRequest, queryset) -> None:
+        rotated = [webhooks.endpoint_rotate_secret(endpoint=endpoint) for endpoint in queryset]
+        self.message_user(
+            request,
+            f"New secret for {len(rotated)} endpoint(s); the previous one also signs requests "
+            f"for {webhooks.SECRET_GRACE.total_seconds() / 3600:.0f} hours.",
+            messages.SUCCESS,
+        )
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    fields = ("number", "started_at", "duration_ms", "response_status", "response_body", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "event_type",
+        "endpoint",
+        "status",
+        "attempts",
+        "last_response_status",
+        "short_error",
+        "next_attempt_at",
+        "delivered_at",
+    )
+    list_filter = ("status", "event_type", "endpoint")
+    search_fields = ("uuid",)
+    list_select_related = ("endpoint",)
+    date_hierarchy = "created_at"
+    fields = (
+        "uuid",
+        "endpoint",
+        "event_type",
+        "status",
+        "attempts",
+        "created_at",
+        "next_attempt_at",
+        "delivered_at",
+        "failed_at",
+        "last_response_status",
+        "last_error",
+        "payload",
+    )
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ("retry_selected",)
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("access.change_webhookendpoint")
+
+    @admin.display(description="last error")
+    def short_error(self, obj: WebhookDelivery) -> str:
+        return obj.last_error if len(obj.last_error) <= 80 else obj.last_error[:79] + "…"
+
+    @admin.display(description="payload (the body, as sent)")
+    def payload(self, obj: WebhookDelivery) -> str:
+        pretty = json.dumps(json.loads(webhooks.delivery_body(obj)), indent=2)
+        return format_html("<pre>{}</pre>", pretty)
+
+    @admin.action(description="Retry selected (send once more now)", permissions=["retry"])
+    def retry_selected(self, request: HttpRequest, queryset) -> None:
+        count = webhooks.deliveries_retry(delivery_ids=queryset.values_list("pk", flat=True))
+        self.message_user(request, f"{count} delivery(ies) queued again.", messages.SUCCESS)
+        left = queryset.count() - count
+        if left:
+            self.message_user(
+                request, f"{left} delivered one(s) left alone: they are never sent twice."
+            )

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
+from datetime import datetime
+from uuid import uuid4
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -15,6 +19,7 @@ from access.validators import (
     validate_orcid,
     validate_scholar_url,
 )
+from access.webhook_validators import validate_webhook_url
 
 
 class LicenseVersion(models.Model):
@@ -295,3 +300,135 @@ class ApiToken(AbstractAuthToken):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.token_key}…) of {self.user}"
+
+
+# --- Webhooks (access.services.webhooks, docs/webhooks.md) --------------------------------
+
+
+class WebhookEventType(models.TextChoices):
+    APPLICATION_SUBMITTED = "application.submitted", "Application submitted"
+    APPLICATION_ANSWERED = "application.answered", "Applicant answered a question"
+    APPLICATION_APPROVED = "application.approved", "Application approved"
+    APPLICATION_REJECTED = "application.rejected", "Application rejected"
+    APPLICATION_WITHDRAWN = "application.withdrawn", "Application withdrawn"
+    APPLICATION_REVOKED = "application.revoked", "Approval revoked"
+    GRANT_REVOKED = "grant.revoked", "Grant revoked"
+    LINK_FLAGGED = "link.flagged", "Download link flagged (used from many addresses)"
+
+
+# The test event an operator sends from the admin; endpoints cannot subscribe to it.
+WEBHOOK_PING = "ping"
+
+
+def validate_event_types(value: object) -> None:
+    known = set(WebhookEventType.values)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationError("Event types must be a list of event type names.")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValidationError(f"Unknown event types: {', '.join(unknown)}.")
+
+
+def new_webhook_secret() -> str:
+    # The prefix lets secret scanners recognise a leaked one.
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+class WebhookEndpoint(models.Model):
+    """Where an operator wants events POSTed, signed with this endpoint's own secret."""
+
+    url = models.URLField("URL", max_length=2000, validators=[validate_webhook_url])
+    description = models.CharField(
+        max_length=200, blank=True, validators=[NoInvisibleCharacters("Description")]
+    )
+    event_types = models.JSONField(default=list, validators=[validate_event_types])
+    is_active = models.BooleanField("active", default=True)
+    secret = models.CharField(max_length=100, default=new_webhook_secret, editable=False)
+    # After a rotation, requests are signed with both secrets until this expires, so that
+    # a receiver can switch to the new one without refusing events meanwhile.
+    previous_secret = models.CharField(max_length=100, blank=True, editable=False)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return self.description or self.url
+
+    def subscribes_to(self, event_type: str) -> bool:
+        return event_type in self.event_types
+
+    def previous_secret_at(self, now: datetime) -> str:
+        """The rotated-out secret while its grace period lasts, else ""."""
+        expires = self.previous_secret_expires_at
+        return self.previous_secret if expires is not None and now < expires else ""
+
+
+class WebhookDelivery(models.Model):
+    """Outbox row: one event for one endpoint, written in the transaction that causes it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    # The payload's "id" and the X-Portal-Delivery header: receivers deduplicate on it.
+    uuid = models.UUIDField(default=uuid4, unique=True, editable=False)
+    event_type = models.CharField(max_length=50)
+    data = models.JSONField(default=dict)
+    dedupe_key = models.CharField(max_length=200, null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    last_response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name_plural = "webhook deliveries"
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="webhook_due_idx")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["endpoint", "dedupe_key"],
+                condition=Q(dedupe_key__isnull=False),
+                name="one_webhook_delivery_per_dedupe_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} to {self.endpoint} ({self.get_status_display().lower()})"
+
+
+class WebhookAttempt(models.Model):
+    """One POST of a delivery and what came back: the delivery log."""
+
+    delivery = models.ForeignKey(
+        WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_log"
+    )
+    number = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    duration_ms = models.PositiveIntegerField()
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.TextField(blank=True, help_text="The start of the response body.")
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["delivery", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["delivery", "number"], name="one_webhook_attempt_per_number"
+            )
+        ]
+
+    def __str__(self) -> str:
+        outcome = self.response_status or self.error.partition(":")[0] or "no answer"
+        return f"attempt {self.number} of {self.delivery.uuid}: {outcome}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from access.services import notifications
+from access.services import notifications, webhooks
 from access.services.digest import reviewer_digest_send
 from access.services.reminders import reviewer_reminders_send
 
@@ -29,3 +29,15 @@ def send_reviewer_digest() -> int:
 def remind_reviewers() -> int:
     # Idempotent: one outbox row per application, reviewer and day (dedupe key).
     return reviewer_reminders_send()
+
+
+@shared_task(acks_late=True)
+def deliver_webhook(delivery_id: int) -> bool:
+    # Idempotent: the service claims the row with a conditional UPDATE. No Celery retries:
+    # a failure is recorded on the row, which sweep_webhooks sends again after its backoff.
+    return webhooks.delivery_attempt(delivery_id=delivery_id)
+
+
+@shared_task
+def sweep_webhooks() -> int:
+    return webhooks.webhook_sweep()

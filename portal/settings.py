@@ -173,6 +173,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "access.tasks.sweep_outbox",
         "schedule": 300.0,
     },
+    # Webhook retries fall due after their backoff; the sweep sends those that are due.
+    "retry-due-webhook-deliveries": {
+        "task": "access.tasks.sweep_webhooks",
+        "schedule": 60.0,
+    },
     "issue-missing-download-links": {
         "task": "weights.tasks.issue_missing_links",
         "schedule": 300.0,
@@ -387,6 +392,13 @@ PORTAL_REVIEWERS_GROUP = "Reviewers"
 # An outbox row claimed by a worker that died is retried after this long.
 PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS = envint("PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS", 300, minimum=10)
 PORTAL_OUTBOX_MAX_ATTEMPTS = envint("PORTAL_OUTBOX_MAX_ATTEMPTS", 10, minimum=1)
+# --- Webhooks (access.services.webhooks, docs/webhooks.md) ---
+# Each POST waits at most this long; a failed one is tried again after BACKOFF_BASE, then
+# twice as long each time (capped at six hours), and marked failed after MAX_ATTEMPTS.
+PORTAL_WEBHOOK_TIMEOUT_SECONDS = envint("PORTAL_WEBHOOK_TIMEOUT_SECONDS", 5, minimum=1)
+PORTAL_WEBHOOK_MAX_ATTEMPTS = envint("PORTAL_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
+PORTAL_WEBHOOK_BACKOFF_BASE_SECONDS = envint("PORTAL_WEBHOOK_BACKOFF_BASE_SECONDS", 30, minimum=1)
+# --- end of webhooks ---
 PORTAL_REQUIRE_SERVICES = envbool("PORTAL_REQUIRE_SERVICES", False)
 # Reviewers are reminded of an application still awaiting review after this many days,
 # at most once a day per application; 0 turns reminders off.

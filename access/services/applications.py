@@ -18,6 +18,7 @@ from access import errors
 from access.models import Application, ApplicationEvent, Grant, LicenseAcceptance
 from access.services.licenses import license_current
 from access.services.notifications import notification_create
+from access.services.webhooks import application_event_emit
 from weights.models import Release
 
 Status = Application.Status
@@ -60,7 +61,7 @@ def record_event(
     message: str = "",
     releases: Iterable[str] = (),
 ) -> ApplicationEvent:
-    return ApplicationEvent.objects.create(
+    event = ApplicationEvent.objects.create(
         application=application,
         actor=actor,
         action=action,
@@ -69,6 +70,8 @@ def record_event(
         message=message,
         releases=sorted(releases),
     )
+    application_event_emit(event)
+    return event
 
 
 def refuse_transition(application: Application, action: str) -> errors.IllegalTransition:

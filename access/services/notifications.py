@@ -15,17 +15,17 @@ from __future__ import annotations
 import logging
 import smtplib
 from collections.abc import Iterable
-from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, Q
 from django.template import TemplateDoesNotExist, TemplateSyntaxError
 from django.template.loader import render_to_string
 from django.utils import timezone
 
 from access.models import Notification
+from access.services import outbox
 from portal.text import one_line
 
 logger = logging.getLogger(__name__)
@@ -58,28 +58,14 @@ def notification_create(
 def _enqueue_delivery(notification_id: int) -> None:
     from access.tasks import deliver_notification
 
-    try:
-        deliver_notification.delay(notification_id)
-    except Exception:
-        # The row is committed; the sweep delivers it once the broker is back.
-        logger.warning(
-            "could not enqueue delivery of notification %s; the outbox sweep will retry it",
-            notification_id,
-            exc_info=True,
-        )
+    outbox.enqueue(deliver_notification, notification_id)
 
 
 def _claim(notification_id: int) -> bool:
-    now = _now()
-    stale = now - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
-    claimed = (
-        Notification.objects.filter(
-            pk=notification_id, sent_at__isnull=True, failed_at__isnull=True
-        )
-        .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
-        .update(claimed_at=now, attempts=F("attempts") + 1)
+    rows = Notification.objects.filter(
+        pk=notification_id, sent_at__isnull=True, failed_at__isnull=True
     )
-    return claimed == 1
+    return outbox.claim(rows, now=_now())
 
 
 def render_notification(notification: Notification) -> EmailMultiAlternatives:
@@ -171,14 +157,13 @@ def outbox_counts() -> dict[str, int]:
 
 
 def outbox_pending_ids(*, limit: int = 500) -> list[int]:
-    stale = _now() - timedelta(seconds=settings.PORTAL_OUTBOX_CLAIM_TIMEOUT_SECONDS)
     return list(
         Notification.objects.filter(
             sent_at__isnull=True,
             failed_at__isnull=True,
             attempts__lt=settings.PORTAL_OUTBOX_MAX_ATTEMPTS,
         )
-        .filter(Q(claimed_at__isnull=True) | Q(claimed_at__lt=stale))
+        .filter(outbox.unclaimed(_now()))
         .order_by("created_at")
         .values_list("pk", flat=True)[:limit]
     )

@@ -12,6 +12,7 @@ from django.utils import timezone
 from access import errors
 from access.models import Application, ApplicationEvent, Grant
 from access.services.applications import lock, notify_applicant, record_event, refuse_transition
+from access.services.webhooks import grant_revoked_emit
 from weights.models import Release
 
 Status = Application.Status
@@ -210,6 +211,7 @@ def grant_revoke(
     grant.revoked_by = reviewer
     grant.revoke_reason = reason
     grant.save(update_fields=["revoked_at", "revoked_by", "revoke_reason"])
+    grant_revoked_emit(grant)
     transaction.on_commit(lambda: _grant_revoked(grant.pk))
     if notify:
         notify_applicant(

@@ -46,6 +46,7 @@ from django.db.models import Count
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
+from access.services.webhooks import links_flagged_emit
 from weights.models import Artifact, DownloadEvent, DownloadLink
 
 logger = logging.getLogger(__name__)
@@ -391,8 +392,10 @@ def _flag_crowded_links(link_ids: set[int]) -> None:
         .filter(addresses__gt=limit)
         .values("link_id")
     )
+    flagged_at = timezone.now()
     flagged = DownloadLink.objects.filter(pk__in=crowded, flagged_at__isnull=True).update(
-        flagged_at=timezone.now()
+        flagged_at=flagged_at
     )
     if flagged:
+        links_flagged_emit(link_ids=link_ids, flagged_at=flagged_at)
         logger.warning("flagged %d download links used from more than %d addresses", flagged, limit)

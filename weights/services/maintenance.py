@@ -22,9 +22,11 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
+from access.services.webhooks import links_flagged_emit
 from weights.models import DownloadEvent, DownloadLink
 from weights.services.links import EXPIRED_REASON
 
@@ -72,7 +74,10 @@ def links_flag_shared(*, now: datetime | None = None) -> int:
     link_ids = set(by_link) | set(of_shared_grants)
     candidates = DownloadLink.objects.filter(pk__in=link_ids, flagged_at__isnull=True)
     hints = list(candidates.values_list("token_hint", flat=True))
-    flagged = candidates.update(flagged_at=now)
+    with transaction.atomic():
+        flagged = candidates.update(flagged_at=now)
+        if flagged:
+            links_flagged_emit(link_ids=link_ids, flagged_at=now)
     if flagged:
         logger.warning(
             "flagged %d download links used from more than %d addresses: %s",
