@@ -3,15 +3,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 
 from access.models import Grant
 from weights.models import Artifact, DownloadLink, LinkUsage, Release
 
+ORIGINAL = Q(artifacts__variant=Artifact.Variant.ORIGINAL)
+
 
 def catalogue() -> QuerySet[Release]:
+    """Releases with the size and count of the files a download link serves (Meta's layout)."""
     return Release.objects.annotate(
-        total_size=Sum("artifacts__size"), file_count=Count("artifacts")
+        total_size=Sum("artifacts__size", filter=ORIGINAL),
+        file_count=Count("artifacts", filter=ORIGINAL),
     ).select_related("license")
 
 
@@ -67,7 +71,7 @@ def downloads_for(*, user: AbstractBaseUser) -> list[GrantDownloads]:
                     artifact=a,
                     remaining_bytes=max(0, link.budget_copies * a.size - used.get(a.pk, 0)),
                 )
-                for a in grant.release.artifacts.all()
+                for a in grant.release.artifacts.filter(variant=Artifact.Variant.ORIGINAL)
             ]
         result.append(GrantDownloads(grant=grant, link=link, files=files))
     return result

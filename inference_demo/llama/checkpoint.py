@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +256,83 @@ def save_checkpoint(
         paths.append(path)
     write_checklist(directory, [PARAMS, *(p.name for p in paths)])
     return paths
+
+
+# Streaming: one merged tensor at a time, for converters that must not hold a whole release.
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """One checkpoint tensor as its memory-mapped model-parallel slices, not yet merged."""
+
+    key: str
+    parts: tuple[Tensor, ...]
+    axis: int | None  # the axis the slices are concatenated on; None when replicated
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def nbytes_as(self, dtype: torch.dtype) -> int:
+        return math.prod(self.shape) * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class StreamingCheckpoint:
+    """A Meta-layout checkpoint opened without reading its tensors into memory."""
+
+    args: ModelArgs
+    params: dict[str, Any]
+    tensors: dict[str, ShardedTensor]
+
+
+def _merged_shape(key: str, parts: list[Tensor], dim: int) -> tuple[int | None, tuple[int, ...]]:
+    """The concatenation axis and merged shape of `key`, as `merge_shards` would merge it."""
+    axis = split_dim(key) if len(parts) > 1 else None
+    if key == "tok_embeddings.weight" and axis is not None and parts[0].shape[1] == dim:
+        axis = 0  # LLaMA 3 splits the embedding by vocabulary
+    if axis is None:
+        shapes = {tuple(p.shape) for p in parts}
+        if len(shapes) != 1:
+            raise ShapeMismatchError(ERR_SHARD_SHAPE.format(key=key, shapes=sorted(shapes)))
+        return None, tuple(parts[0].shape)
+    other = {tuple(s for i, s in enumerate(p.shape) if i != axis) for p in parts}
+    if len(other) != 1:
+        shapes = sorted(tuple(p.shape) for p in parts)
+        raise ShapeMismatchError(ERR_SHARD_SHAPE.format(key=key, shapes=shapes))
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    return axis, tuple(shape)
+
+
+def open_checkpoint(
+    directory: str | Path, *, verify: bool = True, max_seq_len: int = 2048
+) -> StreamingCheckpoint:
+    """Open every shard memory-mapped and check that the slices fit together; reads no tensor
+    data (beyond `verify`'s MD5 pass over the files)."""
+    directory = Path(directory)
+    params = read_params(directory)
+    paths = shard_paths(directory)
+    if verify and (directory / CHECKLIST).exists():
+        verify_checklist(directory)
+    shards = [load_shard(p) for p in paths]
+    keys = [k for k in shards[0] if k not in IGNORED]
+    for path, shard in zip(paths[1:], shards[1:], strict=True):
+        if set(shard) - IGNORED != set(keys):
+            raise CheckpointError(
+                ERR_KEYS.format(
+                    missing=sorted(set(keys) - set(shard)),
+                    unexpected=sorted(set(shard) - set(keys) - IGNORED),
+                )
+                + f" ({path.name} against {paths[0].name})"
+            )
+    tensors = {}
+    for key in keys:
+        parts = [shard[key] for shard in shards]
+        axis, shape = _merged_shape(key, parts, params["dim"])
+        tensors[key] = ShardedTensor(key=key, parts=tuple(parts), axis=axis, shape=shape)
+    if params.get("vocab_size", -1) <= 0:  # LLaMA 1 leaves it to the tokenizer
+        params = {**params, "vocab_size": tensors["tok_embeddings.weight"].shape[0]}
+    args = ModelArgs.from_params(params, max_seq_len=max_seq_len)
+    return StreamingCheckpoint(args=args, params=params, tensors=tensors)

@@ -55,6 +55,7 @@ def test_converted_directory_and_tokenizer(make_checkpoint, tokenizer_model, tmp
         "generation_config.json",
         "model.safetensors",
         "special_tokens_map.json",
+        "tokenizer.json",
         "tokenizer.model",
         "tokenizer_config.json",
     }

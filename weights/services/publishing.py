@@ -3,12 +3,19 @@
 Storage keys are content-addressed (`sha256/<2 hex>/<sha256>`), so a file shared
 by several releases (tokenizer.model) is stored once and a re-run uploads nothing.
 Artifacts are immutable: a path already published with other content is refused.
+
+After Meta's original files, a release whose directory holds one loadable checkpoint also
+gets its Hugging Face transformers variant: converted into a temporary directory, verified
+(`weights.services.transformers_variant`) and published as `variant="transformers"`. A
+release without one is published as it is, with the reason in `PublishResult.transformers`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +30,18 @@ from weights.checksums import CHECKLIST_NAMES, ChecklistError, file_digests, par
 from weights.models import Artifact, Release
 from weights.paths import artifact_path_ok
 from weights.services.revisions import release_revision_refresh
+from weights.services.transformers_variant import (
+    NotConvertible,
+    VerificationError,
+    convert_verified,
+    find_checkpoint,
+)
 from weights.storage import get_storage
 
+logger = logging.getLogger(__name__)
+
 NOT_A_DIRECTORY = "{directory} is not a directory"
+BAD_WORK_DIR = "work directory {directory} for the transformers variant is not a directory"
 EMPTY_DIRECTORY = "{directory} contains no files to publish"
 UNSERVABLE_PATH = (
     "{path!r} cannot be published: download links cannot serve a path with a backslash, "
@@ -36,6 +52,13 @@ CHECKLIST_MALFORMED = "{checklist} is malformed: {error}"
 CHECKLIST_BAD_NAME = "{checklist} lists {name!r}, which is outside its directory"
 CHECKLIST_MISSING = "{checklist} lists {path}, which is not in the directory"
 CHECKLIST_MISMATCH = "{checklist}: MD5 of {path} is {actual}, but the checklist says {expected}"
+NO_VARIANT = "No transformers variant: {reason}"
+VARIANT_ALREADY = "Transformers variant already published ({n} files)."
+VARIANT_PUBLISHED = (
+    "Transformers variant: {added} files added, {skipped} already published, "
+    "{mib:.1f} MiB uploaded; verified config.json, {tensors} tensor headers, "
+    "tokenizer.json ({check})."
+)
 ARTIFACT_CHANGED = (
     "{path} is already published in {slug} with SHA-256 {published}, but the file now has "
     "SHA-256 {actual}; published artifacts are immutable (publish a new release instead)"
@@ -52,7 +75,8 @@ class ProgressBar(Protocol):
     def close(self) -> object: ...
 
 
-# Called with (phase, relative path, size) where phase is "hash" or "upload".
+# Called with (phase, relative path, size) where phase is "hash", "upload" or "convert" (the
+# checkpoint directory into the transformers variant, counted in bytes of tensors written).
 ProgressFactory = Callable[[str, str, int], ProgressBar | None]
 
 
@@ -76,6 +100,14 @@ class PublishResult:
     skipped: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
     release_created: bool = False
+    # The transformers variant's outcome; None where it was not asked for.
+    transformers: VariantOutcome | None = None
+
+
+@dataclass
+class VariantOutcome:
+    message: str  # one line for the operator: what was published, or why nothing was
+    published: PublishResult | None = None
 
 
 def storage_key_for(sha256: str) -> str:
@@ -92,10 +124,16 @@ def release_publish(
     description: str = "",
     progress: ProgressFactory | None = None,
     variant: str = Artifact.Variant.ORIGINAL,
+    transformers: bool = True,
+    work_dir: Path | None = None,
 ) -> PublishResult:
-    """Publish every file under `directory` as release `slug`.
+    """Publish every file under `directory` as release `slug`, in `variant` (Meta's original
+    layout unless told otherwise).
 
-    An existing release keeps its name and metadata; only new files are added.
+    An existing release keeps its name and metadata; only new files are added, and the
+    release's revision is recomputed. With `transformers`, publishing the original layout
+    also publishes the transformers variant when the directory holds a loadable checkpoint,
+    converted under `work_dir` (default: the system's temporary directory).
     """
     try:
         validate_slug(slug)
@@ -104,6 +142,8 @@ def release_publish(
     directory = Path(directory)
     if not directory.is_dir():
         raise PublishError(NOT_A_DIRECTORY.format(directory=directory))
+    if transformers and work_dir is not None and not Path(work_dir).is_dir():
+        raise PublishError(BAD_WORK_DIR.format(directory=work_dir))
     paths = list_release_files(directory)
     if not paths:
         raise PublishError(EMPTY_DIRECTORY.format(directory=directory))
@@ -161,13 +201,64 @@ def release_publish(
             release.save(update_fields=["published_at"])
         release_revision_refresh(release)
 
-    return PublishResult(
+    result = PublishResult(
         release=release,
         created=[f.path for f in created],
         skipped=[p for p in paths if p in published],
         bytes_uploaded=uploaded,
         release_created=release_created,
     )
+    if transformers and variant == Artifact.Variant.ORIGINAL:
+        result.transformers = _publish_transformers(directory, paths, result, progress, work_dir)
+    return result
+
+
+def _publish_transformers(
+    directory: Path,
+    paths: list[str],
+    original: PublishResult,
+    progress: ProgressFactory | None,
+    work_dir: Path | None,
+) -> VariantOutcome:
+    """Convert, verify and publish the transformers variant; never undoes the original."""
+    release = original.release
+    existing = release.artifacts.filter(variant=Artifact.Variant.TRANSFORMERS).count()
+    if existing and not original.created:
+        # Nothing new in the original: the conversion would give the same bytes again.
+        return VariantOutcome(VARIANT_ALREADY.format(n=existing))
+    try:
+        source = find_checkpoint(directory, paths)
+        with tempfile.TemporaryDirectory(prefix="transformers-", dir=work_dir) as tmp:
+            bar = (
+                progress("convert", source.relative or ".", source.shard_bytes)
+                if progress
+                else None
+            )
+            try:
+                verified = convert_verified(source, Path(tmp), progress=bar and bar.update)
+            finally:
+                if bar is not None:
+                    bar.close()
+            published = release_publish(
+                directory=Path(tmp),
+                slug=release.slug,
+                progress=progress,
+                variant=Artifact.Variant.TRANSFORMERS,
+                transformers=False,
+            )
+    except (NotConvertible, PublishError) as exc:
+        if isinstance(exc, VerificationError | PublishError):
+            logger.warning("release %s: transformers variant not published: %s", release.slug, exc)
+        return VariantOutcome(NO_VARIANT.format(reason=exc))
+    release.refresh_from_db(fields=["revision"])
+    message = VARIANT_PUBLISHED.format(
+        added=len(published.created),
+        skipped=len(published.skipped),
+        mib=published.bytes_uploaded / 2**20,
+        tensors=verified.tensors,
+        check=verified.tokenizer_check,
+    )
+    return VariantOutcome(message, published=published)
 
 
 def list_release_files(directory: Path) -> list[str]:

@@ -66,6 +66,9 @@ class Command(BaseCommand):
         demo = release_publish(directory=DEMO_MODEL_DIR, **DEMO_RELEASE)
         if demo.created:
             self.stdout.write(f"Published {demo.release.slug}: {len(demo.created)} files.")
+        variant = demo.transformers.published if demo.transformers else None
+        if variant is not None and variant.created:
+            self.stdout.write(demo.transformers.message)
         Release.objects.filter(license__isnull=True).update(
             license=LicenseVersion.objects.get(version="1")
         )

@@ -15,7 +15,10 @@ PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 
 
 class Command(BaseCommand):
-    help = "Hash, verify, upload and record every file of a release directory."
+    help = (
+        "Hash, verify, upload and record every file of a release directory, then its "
+        "Hugging Face transformers variant when it holds a loadable checkpoint."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("directory", type=Path)
@@ -24,6 +27,18 @@ class Command(BaseCommand):
         parser.add_argument("--family", default="llama")
         parser.add_argument("--parameter-count", type=int)
         parser.add_argument("--description", default="")
+        parser.add_argument(
+            "--no-transformers",
+            dest="transformers",
+            action="store_false",
+            help="publish Meta's files only, without converting the transformers variant",
+        )
+        parser.add_argument(
+            "--work-dir",
+            type=Path,
+            help="where the transformers variant is converted; needs the checkpoint's size "
+            "free (default: the system's temporary directory, $TMPDIR)",
+        )
 
     def handle(self, *args, **options) -> None:
         show_bars = options["verbosity"] > 0
@@ -31,7 +46,7 @@ class Command(BaseCommand):
         def progress(phase: str, path: str, size: int) -> tqdm | None:
             if not show_bars or size < PROGRESS_MIN_BYTES:
                 return None
-            verb = "hashing" if phase == "hash" else "uploading"
+            verb = {"hash": "hashing", "upload": "uploading", "convert": "converting"}[phase]
             # disable=None: no bar when stderr is not a terminal (cron, CI logs).
             return tqdm(
                 total=size,
@@ -51,6 +66,8 @@ class Command(BaseCommand):
                 parameter_count=options["parameter_count"],
                 description=options["description"],
                 progress=progress,
+                transformers=options["transformers"],
+                work_dir=options["work_dir"],
             )
         except (PublishError, StorageError) as exc:
             raise CommandError(str(exc)) from exc
@@ -63,3 +80,8 @@ class Command(BaseCommand):
         )
         for path in result.created:
             self.stdout.write(f"  + {path}")
+        if result.transformers is not None:
+            self.stdout.write(result.transformers.message)
+            variant = result.transformers.published
+            for path in variant.created if variant else []:
+                self.stdout.write(f"  + {path}")
