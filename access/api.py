@@ -1,9 +1,10 @@
 """REST API: thin views over access services.
 
-Each view parses its body with a serializer, calls a service and renders the
-result. Service errors become {"detail", "code"} with their HTTP status in
-portal.api_errors. Every lookup is scoped: a researcher's id space is their own
-applications, a reviewer's is the review queue; anything else is a 404.
+Each view parses its body with a serializer, calls a service and renders the result.
+Every error, whoever raises it, is the envelope of portal.api_errors. Every lookup is
+scoped: a researcher's id space is their own applications, a reviewer's is the review
+queue; anything else is a 404. The catalogue and the grants live in weights.api, the
+tokens in access.token_api.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, permissions, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
@@ -29,15 +30,22 @@ from access.services import applications as application_services
 from access.services import licenses as license_services
 from access.services import reviews as review_services
 from access.services import throttles
+from portal.api_errors import RETRY_AFTER, error_responses
 from portal.api_parsers import JSONParser
 from portal.http import client_ip, user_agent
-from weights.models import Release
 
 NOT_FOUND = "No such application."
 NO_LICENSE = errors.NO_CURRENT_LICENSE
 
-_error = OpenApiResponse(s.ErrorSerializer)
-ERRORS = {400: _error, 401: _error, 403: _error, 404: _error, 409: _error, 413: _error}
+LICENSE, APPLICATIONS, REVIEW = ["license"], ["applications"], ["review"]
+# Each reviewer endpoint may also say 403 (not a reviewer, no second factor) and 429.
+REVIEWER_403 = {
+    403: "Not a reviewer (`not_reviewer`), a request without a second factor "
+    "(`second_factor_required`), or your own application (`own_application`)."
+}
+REVIEW_429 = "The review API allows PORTAL_REVIEW_API_RATE requests per reviewer."
+NOT_YOURS_404 = {404: "No application of yours has this id."}
+NOT_IN_QUEUE_404 = {404: "No submitted application has this id."}
 
 
 def parse(serializer_class: type[Serializer], request: Request, **context: Any) -> dict:
@@ -64,7 +72,7 @@ class Page(PageNumberPagination):
 class IsReviewer(permissions.BasePermission):
     """A reviewer, on a request backed by a second factor (access.second_factor)."""
 
-    message = errors.NOT_REVIEWER
+    message, code = errors.NOT_REVIEWER, "not_reviewer"
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         if not review_services.is_reviewer(request.user):
@@ -106,16 +114,28 @@ class ReviewerView(JsonAPIView):
         return Response(s.ReviewApplicationSerializer(self.get_application(pk)).data)
 
 
-# --- Catalogue and license -----------------------------------------------------
+def review_errors(*statuses: int, notes: dict[int, str] | None = None) -> dict:
+    return error_responses(
+        *statuses, 401, 403, 429, notes={**REVIEWER_403, 429: REVIEW_429, **(notes or {})}
+    )
 
 
-class ReleaseList(generics.ListAPIView):
-    serializer_class = s.ReleaseSerializer
-    queryset = Release.objects.all()
+# --- License -------------------------------------------------------------------------
 
 
 class CurrentLicense(JsonAPIView):
-    @extend_schema(responses={200: s.LicenseSerializer, 404: _error})
+    @extend_schema(
+        operation_id="license_retrieve",
+        tags=LICENSE,
+        summary="Read the license in effect",
+        description="The current license version with its full text and SHA-256, and "
+        "whether you have accepted it. Applying and downloading need the current version "
+        "accepted.",
+        responses={
+            200: s.LicenseSerializer,
+            **error_responses(401, 404, notes={404: "No license is in effect yet."}),
+        },
+    )
     def get(self, request: Request) -> Response:
         current = license_services.license_current()
         if current is None:
@@ -125,7 +145,17 @@ class CurrentLicense(JsonAPIView):
 
 class LicenseAccept(JsonAPIView):
     @extend_schema(
-        request=s.LicenseAcceptSerializer, responses={200: s.LicenseAcceptanceSerializer, **ERRORS}
+        operation_id="license_accept",
+        tags=LICENSE,
+        summary="Accept the license in effect",
+        description="Records your acceptance of the current version, with your IP address "
+        "and user agent. Send `version` to make sure you accept the text you read; an older "
+        "version is refused. Accepting again is harmless.",
+        request=s.LicenseAcceptSerializer,
+        responses={
+            200: s.LicenseAcceptanceSerializer,
+            **error_responses(400, 401, 404, 413, 415, notes={404: "No license is in effect yet."}),
+        },
     )
     def post(self, request: Request) -> Response:
         current = license_services.license_current()
@@ -136,7 +166,7 @@ class LicenseAccept(JsonAPIView):
         return Response(s.LicenseAcceptanceSerializer(acceptance).data)
 
 
-# --- Researcher ----------------------------------------------------------------
+# --- Researcher ----------------------------------------------------------------------
 
 
 class ApplicationListCreate(ResearcherView, generics.GenericAPIView):
@@ -146,13 +176,43 @@ class ApplicationListCreate(ResearcherView, generics.GenericAPIView):
     def get_queryset(self) -> QuerySet[Application]:
         return selectors.applications_for(user=self.request.user).order_by("-created_at", "-pk")
 
-    @extend_schema(responses=s.ApplicationSummarySerializer(many=True))
+    @extend_schema(
+        operation_id="applications_list",
+        tags=APPLICATIONS,
+        summary="List your applications",
+        description="Your applications, newest first, paginated (`page`, `page_size`).",
+        responses={
+            200: s.ApplicationSummarySerializer(many=True),
+            **error_responses(401, 404, notes={404: "A page past the last one."}),
+        },
+    )
     def get(self, request: Request) -> Response:
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(self.get_serializer(page, many=True).data)
 
     @extend_schema(
-        request=s.ApplicationWriteSerializer, responses={201: s.ApplicationSerializer, **ERRORS}
+        operation_id="applications_create",
+        tags=APPLICATIONS,
+        summary="Start an application (a draft)",
+        description="Creates a draft with the fields given; every field is optional until "
+        "you submit. One application may be open at a time. Your email address must be "
+        "verified.",
+        request=s.ApplicationWriteSerializer,
+        responses={
+            201: s.ApplicationSerializer,
+            **error_responses(
+                400,
+                401,
+                403,
+                409,
+                413,
+                415,
+                notes={
+                    403: "Email address not verified (`email_not_verified`).",
+                    409: "You already have an open application (`already_open`).",
+                },
+            ),
+        },
     )
     def post(self, request: Request) -> Response:
         data = parse(s.ApplicationWriteSerializer, request)
@@ -164,12 +224,36 @@ class ApplicationListCreate(ResearcherView, generics.GenericAPIView):
 
 
 class ApplicationDetail(ResearcherView):
-    @extend_schema(responses={200: s.ApplicationSerializer, 404: _error})
+    @extend_schema(
+        operation_id="application_retrieve",
+        tags=APPLICATIONS,
+        summary="Read one of your applications",
+        description="Your answers, its status, the timeline of events (questions from "
+        "reviewers included) and the grants it led to.",
+        responses={200: s.ApplicationSerializer, **error_responses(401, 404, notes=NOT_YOURS_404)},
+    )
     def get(self, request: Request, pk: int) -> Response:
         return self.respond(self.get_application(pk))
 
     @extend_schema(
-        request=s.ApplicationWriteSerializer, responses={200: s.ApplicationSerializer, **ERRORS}
+        operation_id="application_update",
+        tags=APPLICATIONS,
+        summary="Edit a draft",
+        description="Changes the fields given and leaves the others. Only a draft can be "
+        "edited; a submitted application is answered through `application_answer`.",
+        request=s.ApplicationWriteSerializer,
+        responses={
+            200: s.ApplicationSerializer,
+            **error_responses(
+                400,
+                401,
+                404,
+                409,
+                413,
+                415,
+                notes={**NOT_YOURS_404, 409: "The application is no longer a draft."},
+            ),
+        },
     )
     def patch(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
@@ -185,7 +269,33 @@ class ApplicationSubmit(ResearcherView):
     # The allowance (access.services.throttles) counts successful submissions only, so a
     # 400 or 409 here costs nothing; a 429 carries Retry-After.
     @extend_schema(
-        request=s.SubmitSerializer, responses={200: s.ApplicationSerializer, 429: _error, **ERRORS}
+        operation_id="application_submit",
+        tags=APPLICATIONS,
+        summary="Submit a draft for review",
+        description="Accepts the current license and submits the draft, together or not "
+        "at all. Every required field must be filled in (the 400 lists those missing). "
+        "Reviewers are notified by email. Only successful submissions count against the "
+        "allowance (PORTAL_SUBMIT_RATE).",
+        request=s.SubmitSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ApplicationSerializer,
+            **error_responses(
+                400,
+                401,
+                403,
+                404,
+                409,
+                413,
+                415,
+                429,
+                notes={
+                    **NOT_YOURS_404,
+                    403: "Email address not verified (`email_not_verified`).",
+                    409: "The application is not a draft.",
+                },
+            ),
+        },
     )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
@@ -202,7 +312,20 @@ class ApplicationSubmit(ResearcherView):
 
 
 class ApplicationWithdraw(ResearcherView):
-    @extend_schema(request=None, responses={200: s.ApplicationSerializer, **ERRORS})
+    @extend_schema(
+        operation_id="application_withdraw",
+        tags=APPLICATIONS,
+        summary="Withdraw an open application",
+        description="Ends a draft, submitted or questioned application; you may then "
+        "start a new one. A decided application cannot be withdrawn.",
+        request=None,
+        responses={
+            200: s.ApplicationSerializer,
+            **error_responses(
+                401, 404, 409, notes={**NOT_YOURS_404, 409: "The application is decided."}
+            ),
+        },
+    )
     def post(self, request: Request, pk: int) -> Response:
         application = application_services.application_withdraw(
             application=self.get_application(pk), applicant=request.user
@@ -211,7 +334,26 @@ class ApplicationWithdraw(ResearcherView):
 
 
 class ApplicationAnswer(ResearcherView):
-    @extend_schema(request=s.AnswerSerializer, responses={200: s.ApplicationSerializer, **ERRORS})
+    @extend_schema(
+        operation_id="application_answer",
+        tags=APPLICATIONS,
+        summary="Answer a reviewer's question",
+        description="When a reviewer asked for more information (status "
+        "`info_requested`), your answer returns the application to the queue.",
+        request=s.AnswerSerializer,
+        responses={
+            200: s.ApplicationSerializer,
+            **error_responses(
+                400,
+                401,
+                404,
+                409,
+                413,
+                415,
+                notes={**NOT_YOURS_404, 409: "No question is waiting for an answer."},
+            ),
+        },
+    )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
         data = parse(s.AnswerSerializer, request)
@@ -221,7 +363,7 @@ class ApplicationAnswer(ResearcherView):
         return self.respond(application)
 
 
-# --- Reviewer ------------------------------------------------------------------
+# --- Reviewer ------------------------------------------------------------------------
 
 
 class ReviewQueue(ReviewerView, generics.ListAPIView):
@@ -231,25 +373,83 @@ class ReviewQueue(ReviewerView, generics.ListAPIView):
     def get_queryset(self) -> QuerySet[Application]:
         query = s.QueueFilterSerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
-        statuses = query.validated_data.get("status") or review_services.DECIDABLE
-        return selectors.review_queue().filter(status__in=list(statuses))
+        filters = query.validated_data
+        return selectors.review_queue_filtered(
+            statuses=filters.get("status") or review_services.DECIDABLE,
+            updated_since=filters.get("updated_since"),
+            release=filters.get("release"),
+            ordering=filters["ordering"],
+        )
 
     @extend_schema(
-        parameters=[s.QueueFilterSerializer], responses=s.ReviewQueueItemSerializer(many=True)
+        operation_id="review_applications_list",
+        tags=REVIEW,
+        summary="List the review queue",
+        description="Submitted applications (by default those awaiting a decision: "
+        "submitted and info_requested), oldest submission first, paginated. To poll from an "
+        "integration, pass `updated_since` (the largest `updated_at` seen so far) with "
+        "`ordering=updated_at`, and filter by `release` or `status` as needed. Needs a "
+        "reviewer with a second factor: a session that signed in with TOTP, or a token "
+        "minted from one.",
+        parameters=[s.QueueFilterSerializer, RETRY_AFTER],
+        responses={
+            200: s.ReviewQueueItemSerializer(many=True),
+            **review_errors(
+                400,
+                404,
+                notes={
+                    400: "A bad filter: `errors` names it (`updated_since`, `ordering`, "
+                    "`release` or `status`).",
+                    404: "A page past the last one.",
+                },
+            ),
+        },
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
 
 
 class ReviewDetail(ReviewerView):
-    @extend_schema(responses={200: s.ReviewApplicationSerializer, 403: _error, 404: _error})
+    @extend_schema(
+        operation_id="review_application_retrieve",
+        tags=REVIEW,
+        summary="Read an application as a reviewer",
+        description="Everything the applicant wrote, who they are, the full timeline with "
+        "who acted, and automatic screening flags (hints, never decisions).",
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ReviewApplicationSerializer,
+            **review_errors(404, notes=NOT_IN_QUEUE_404),
+        },
+    )
     def get(self, request: Request, pk: int) -> Response:
         return self.respond(pk)
 
 
+DECISION_ERRORS = (400, 404, 409, 413, 415)
+
+
 class ReviewApprove(ReviewerView):
     @extend_schema(
-        request=s.ApproveSerializer, responses={200: s.ReviewApplicationSerializer, **ERRORS}
+        operation_id="review_application_approve",
+        tags=REVIEW,
+        summary="Approve an application (all or some releases)",
+        description="Grants the listed releases, which must be among those requested. "
+        "Each grant gets a download link emailed to the applicant; the applicant can also "
+        "issue links through `grant_links_create`.",
+        request=s.ApproveSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ReviewApplicationSerializer,
+            **review_errors(
+                *DECISION_ERRORS,
+                notes={
+                    **NOT_IN_QUEUE_404,
+                    400: "Releases missing, unknown or not requested (`not_requested`).",
+                    409: "The application is not awaiting a decision.",
+                },
+            ),
+        },
     )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
@@ -265,7 +465,19 @@ class ReviewApprove(ReviewerView):
 
 class ReviewReject(ReviewerView):
     @extend_schema(
-        request=s.ReasonSerializer, responses={200: s.ReviewApplicationSerializer, **ERRORS}
+        operation_id="review_application_reject",
+        tags=REVIEW,
+        summary="Reject an application",
+        description="The reason is required and is emailed to the applicant.",
+        request=s.ReasonSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ReviewApplicationSerializer,
+            **review_errors(
+                *DECISION_ERRORS,
+                notes={**NOT_IN_QUEUE_404, 409: "The application is not awaiting a decision."},
+            ),
+        },
     )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
@@ -278,7 +490,20 @@ class ReviewReject(ReviewerView):
 
 class ReviewRequestInfo(ReviewerView):
     @extend_schema(
-        request=s.QuestionSerializer, responses={200: s.ReviewApplicationSerializer, **ERRORS}
+        operation_id="review_application_request_info",
+        tags=REVIEW,
+        summary="Ask the applicant for more information",
+        description="The question is emailed to the applicant; the application leaves the "
+        "queue (status `info_requested`) until they answer.",
+        request=s.QuestionSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ReviewApplicationSerializer,
+            **review_errors(
+                *DECISION_ERRORS,
+                notes={**NOT_IN_QUEUE_404, 409: "The application is not submitted."},
+            ),
+        },
     )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
@@ -291,7 +516,20 @@ class ReviewRequestInfo(ReviewerView):
 
 class ReviewRevoke(ReviewerView):
     @extend_schema(
-        request=s.ReasonSerializer, responses={200: s.ReviewApplicationSerializer, **ERRORS}
+        operation_id="review_application_revoke",
+        tags=REVIEW,
+        summary="Revoke an approval",
+        description="Ends every grant of an approved application at once, download links "
+        "included; the reason is emailed to the applicant.",
+        request=s.ReasonSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            200: s.ReviewApplicationSerializer,
+            **review_errors(
+                *DECISION_ERRORS,
+                notes={**NOT_IN_QUEUE_404, 409: "The application is not approved."},
+            ),
+        },
     )
     def post(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)

@@ -1,11 +1,13 @@
-from django.urls import path
+from django.urls import include, path
 
-from access import api
+from access import api, token_api
 
 app_name = "api"
 
 urlpatterns = [
-    path("releases/", api.ReleaseList.as_view(), name="release-list"),
+    path("", include("weights.api_urls")),
+    path("tokens/", token_api.TokenListCreate.as_view(), name="token-list"),
+    path("tokens/<str:key>/", token_api.TokenDetail.as_view(), name="token-detail"),
     path("license/", api.CurrentLicense.as_view(), name="license-current"),
     path("license/accept/", api.LicenseAccept.as_view(), name="license-accept"),
     path("applications/", api.ApplicationListCreate.as_view(), name="application-list"),

@@ -63,10 +63,14 @@ class ApiTokenScheme(OpenApiAuthenticationExtension):
             "type": "http",
             "scheme": "bearer",
             "description": (
-                "A personal API token. Create one on /account/api-tokens/ (signed in; staff "
-                "must have signed in with their authenticator code for the token to act as "
-                "a reviewer). It is shown once, expires (30 days by default) and ends when "
-                "revoked or when the password changes. Send `Authorization: Bearer <token>` "
-                "(`Authorization: Token <token>` is accepted too)."
+                "A personal API token. Get one on the page /account/api-tokens/, or with "
+                "`POST /api/tokens/` (operation tokens_create) from a signed-in session: the "
+                "session cookie plus its CSRF token in `X-CSRFToken`; a token cannot mint "
+                "tokens. Staff must have signed in with their authenticator code for the token "
+                "to act as a reviewer. The secret is shown once, expires (30 days by default) "
+                "and ends when revoked (`DELETE /api/tokens/{key}/`) or when the password "
+                "changes. Send `Authorization: Bearer <token>` (`Authorization: Token <token>` "
+                "is accepted too). The same token is the Hugging Face token for `hf download` "
+                "and `from_pretrained` with HF_ENDPOINT set to the portal."
             ),
         }

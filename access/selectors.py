@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from allauth.account.models import EmailAddress
 from django.conf import settings
@@ -10,6 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
 
 from access.models import Application, Grant
+from weights.models import Release
 
 FREE_MAIL_DOMAINS = frozenset(
     {
@@ -62,6 +65,36 @@ def review_queue() -> QuerySet[Application]:
         .prefetch_related("requested_releases")
         .order_by("submitted_at", "pk")
     )
+
+
+# The sort keys an integration may ask for; `id` breaks ties, so pages never overlap.
+REVIEW_QUEUE_ORDERINGS = (
+    "submitted_at",
+    "-submitted_at",
+    "updated_at",
+    "-updated_at",
+    "created_at",
+    "-created_at",
+)
+
+
+def review_queue_filtered(
+    *,
+    statuses: Iterable[str],
+    updated_since: datetime | None = None,
+    release: Release | None = None,
+    ordering: str = REVIEW_QUEUE_ORDERINGS[0],
+) -> QuerySet[Application]:
+    """The review queue as an integration polls it."""
+    if ordering not in REVIEW_QUEUE_ORDERINGS:
+        raise ValueError(f"unknown ordering {ordering!r}")
+    queue = review_queue().filter(status__in=list(statuses))
+    if updated_since is not None:
+        queue = queue.filter(updated_at__gte=updated_since)
+    if release is not None:
+        queue = queue.filter(requested_releases=release)
+    tie = "-pk" if ordering.startswith("-") else "pk"
+    return queue.order_by(ordering, tie)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ from rest_framework.exceptions import ErrorDetail
 
 from access import errors
 from access.models import (
+    ApiToken,
     Application,
     ApplicationEvent,
     Grant,
     LicenseAcceptance,
     LicenseVersion,
 )
-from access.selectors import screening_flags
+from access.selectors import REVIEW_QUEUE_ORDERINGS, screening_flags
 from access.services.applications import EDITABLE_FIELDS
 from access.validators import ANSWER_TEXT
 from weights.models import Release
@@ -160,14 +161,74 @@ class QueueFilterSerializer(serializers.Serializer):
         required=False,
         help_text="Statuses to list (repeatable); default: submitted and info_requested.",
     )
+    updated_since = serializers.DateTimeField(
+        required=False,
+        help_text="ISO 8601 date-time, e.g. 2025-01-31T09:00:00Z: only applications changed "
+        "at or after it. To poll, pass the largest `updated_at` you have seen; an "
+        "application seen at that instant comes again, so keep it by `id`.",
+    )
+    release = serializers.SlugField(
+        required=False, help_text="Only applications requesting this release (its slug)."
+    )
+    ordering = serializers.ChoiceField(
+        choices=REVIEW_QUEUE_ORDERINGS,
+        required=False,
+        default=REVIEW_QUEUE_ORDERINGS[0],
+        error_messages={
+            "invalid_choice": f'"{{input}}" is not a valid ordering; use one of: '
+            f"{', '.join(REVIEW_QUEUE_ORDERINGS)}."
+        },
+        help_text="Sort key; `-` for descending. Default: submitted_at (oldest first); "
+        "updated_at suits polling.",
+    )
+
+    def validate_release(self, slug: str) -> Release:
+        release = Release.objects.filter(slug=slug).first()
+        if release is None:
+            choices = ", ".join(Release.objects.values_list("slug", flat=True))
+            raise serializers.ValidationError(UNKNOWN_RELEASES.format(slugs=slug, choices=choices))
+        return release
+
+
+class TokenCreateSerializer(StrictSerializer):
+    # Blank, long or invisible names are the service's to refuse, with the page's messages.
+    name = serializers.CharField(
+        allow_blank=True,
+        trim_whitespace=False,
+        max_length=1000,
+        help_text="What uses the token, e.g. the machine or script (at most 100 characters).",
+    )
+    days = serializers.IntegerField(
+        required=False,
+        help_text="Lifetime in days (default 30; at most 90, and 7 for staff).",
+    )
 
 
 # --- Responses --------------------------------------------------------------
 
 
-class ErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField()
-    code = serializers.CharField(required=False)
+class TokenSerializer(serializers.ModelSerializer):
+    key = serializers.CharField(
+        source="token_key", help_text="The token's first characters: its public name."
+    )
+    second_factor = serializers.BooleanField(
+        help_text="Minted from a session that passed two-factor authentication; only such "
+        "tokens act as a reviewer."
+    )
+
+    class Meta:
+        model = ApiToken
+        fields = ["key", "name", "created", "expiry", "last_used_at", "second_factor"]
+
+
+class TokenCreatedSerializer(TokenSerializer):
+    token = serializers.CharField(
+        help_text="The secret, shown this once and never stored: send it as "
+        "`Authorization: Bearer <token>`."
+    )
+
+    class Meta(TokenSerializer.Meta):
+        fields = [*TokenSerializer.Meta.fields, "token"]
 
 
 class ReleaseSerializer(serializers.ModelSerializer):
@@ -220,7 +281,9 @@ class EventSerializer(serializers.ModelSerializer):
         return "applicant" if obj.actor_id == obj.application.applicant_id else "reviewer"
 
 
-class GrantSerializer(serializers.ModelSerializer):
+class ApplicationGrantSerializer(serializers.ModelSerializer):
+    """A grant as its application shows it; /api/grants/ has the downloads (weights.api)."""
+
     release = ReleaseSerializer()
     license_version = serializers.CharField(source="license_version.version")
     active = serializers.BooleanField(source="is_active")
@@ -261,7 +324,7 @@ class ApplicationSerializer(ApplicationSummarySerializer):
         source="license_acceptance.license_version.version", allow_null=True, default=None
     )
     events = EventSerializer(many=True)
-    grants = GrantSerializer(many=True)
+    grants = ApplicationGrantSerializer(many=True)
 
     class Meta(ApplicationSummarySerializer.Meta):
         fields = [
@@ -280,6 +343,7 @@ class ReviewQueueItemSerializer(ApplicationSummarySerializer):
     class Meta(ApplicationSummarySerializer.Meta):
         fields = [
             *ApplicationSummarySerializer.Meta.fields,
+            "updated_at",
             "applicant_email",
             "full_name",
             "affiliation",

@@ -28,26 +28,21 @@ def _form(request: HttpRequest, data=None) -> ApiTokenForm:
 @login_required
 def api_tokens(request: HttpRequest) -> HttpResponse:
     form = _form(request, request.POST if request.method == "POST" else None)
-    second_factor = session_passed_second_factor(request)
-    issued = None
-    limited = request.method == "POST" and token_services.token_create_rate_limited(
-        request, record=False
-    )
-    if limited:
-        form.add_error(None, token_services.CREATE_RATE_LIMITED)
-    elif request.method == "POST" and form.is_valid():
+    issued, limited = None, False
+    if request.method == "POST":
         try:
-            issued = token_services.token_create(
-                user=request.user,
-                name=form.cleaned_data["name"],
-                days=form.cleaned_data["days"],
-                second_factor=second_factor,
-            )
+            token_services.token_create_allowance_check(request)
+            if form.is_valid():
+                issued = token_services.token_create_from_session(
+                    request=request, name=form.cleaned_data["name"], days=form.cleaned_data["days"]
+                )
+                form = _form(request)
+        except token_services.TokenCreateLimited as exc:
+            limited = True
+            form.add_error(None, str(exc))
         except errors.ServiceError as exc:
             form.add_error(None, str(exc))
-        else:
-            token_services.token_create_rate_limited(request, record=True)
-            form = _form(request)
+    second_factor = session_passed_second_factor(request)
     return render(
         request,
         "access/api_tokens.html",

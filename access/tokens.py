@@ -3,6 +3,8 @@
 A token's secret is returned once by `token_create` and never stored (knox keeps a SHA-512
 digest). Staff may mint a token only from a session that passed their second factor, and
 such a token is marked `second_factor`; the review API accepts no other (access.second_factor).
+Both doors that mint (the page and POST /api/tokens/) are signed-in sessions, never a token,
+and go through `token_create_from_session`: one allowance per user and hour for both.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from django_ratelimit.core import get_usage
 
 from access import errors
 from access.models import ApiToken
+from access.second_factor import session_passed_second_factor
 from access.validators import NoInvisibleCharacters
 
 NAME_REQUIRED = "Give the token a name, e.g. the machine or script that will use it."
@@ -35,6 +38,23 @@ STAFF_NEEDS_SECOND_FACTOR = (
 NO_SUCH_TOKEN = "No such token."
 CREATE_RATE_LIMITED = "You created many tokens in the last hour; try again later."
 TOKEN_NAME = NoInvisibleCharacters("Token name")
+
+
+class TokenInputInvalid(errors.InvalidInput):
+    """Bad input for one field of the request (`field`), so the API can name it."""
+
+    def __init__(self, message: str, *, code: str, field: str) -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+
+class TokenCreateLimited(errors.ServiceError):
+    code = "throttled"
+    http_status = 429
+
+    def __init__(self, *, retry_after: int) -> None:
+        super().__init__(CREATE_RATE_LIMITED)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -71,19 +91,21 @@ def token_create(
     """Mint a token. `second_factor`: the request that asks proved a second factor."""
     name = " ".join(name.split())
     if not name:
-        raise errors.InvalidInput(NAME_REQUIRED, code="name_required")
+        raise TokenInputInvalid(NAME_REQUIRED, code="name_required", field="name")
     if len(name) > 100:
-        raise errors.InvalidInput(NAME_TOO_LONG, code="name_too_long")
+        raise TokenInputInvalid(NAME_TOO_LONG, code="name_too_long", field="name")
     try:
         TOKEN_NAME(name)
     except ValidationError as exc:
-        raise errors.InvalidInput(exc.messages[0], code="invisible_character") from None
+        raise TokenInputInvalid(exc.messages[0], code="invisible_character", field="name") from None
     if user.is_staff and settings.PORTAL_ADMIN_REQUIRE_2FA and not second_factor:
         raise errors.NotAllowed(STAFF_NEEDS_SECOND_FACTOR, code="second_factor_required")
     limit_days = max_lifetime_days(user)
     days = min(settings.PORTAL_API_TOKEN_DAYS, limit_days) if days is None else days
     if not 1 <= days <= limit_days:
-        raise errors.InvalidInput(BAD_LIFETIME.format(days=limit_days), code="bad_lifetime")
+        raise TokenInputInvalid(
+            BAD_LIFETIME.format(days=limit_days), code="bad_lifetime", field="days"
+        )
     get_user_model().objects.select_for_update().filter(pk=user.pk).first()  # one at a time
     count = tokens_of(user).count()
     if count >= settings.PORTAL_API_TOKENS_PER_USER:
@@ -98,17 +120,38 @@ def token_create(
     return IssuedToken(token=token, secret=secret)
 
 
-def token_create_rate_limited(request: HttpRequest, *, record: bool) -> bool:
-    """Whether the user behind `request` has already created PORTAL_API_TOKEN_CREATE_RATE
-    tokens; counted in the shared cache. `record=True` counts one more creation."""
-    usage = get_usage(
+def _create_usage(request: HttpRequest, *, record: bool) -> dict | None:
+    return get_usage(
         request,
         group="access.token_create",
         key="user",
         rate=settings.PORTAL_API_TOKEN_CREATE_RATE,
         increment=record,
     )
-    return usage is not None and usage["count"] >= usage["limit"]
+
+
+def token_create_allowance_check(request: HttpRequest) -> None:
+    """Refuse (429) once the user behind `request` has created PORTAL_API_TOKEN_CREATE_RATE
+    tokens in the window; counted in the shared cache, for every door."""
+    usage = _create_usage(request, record=False)
+    if usage is not None and usage["count"] >= usage["limit"]:
+        raise TokenCreateLimited(retry_after=max(1, usage["time_left"]))
+
+
+def token_create_from_session(
+    *, request: HttpRequest, name: str, days: int | None = None
+) -> IssuedToken:
+    """Mint a token for the signed-in session behind `request` (the page, POST /api/tokens/):
+    within the allowance, which only a token actually created uses up."""
+    token_create_allowance_check(request)
+    issued = token_create(
+        user=request.user,
+        name=name,
+        days=days,
+        second_factor=session_passed_second_factor(request),
+    )
+    _create_usage(request, record=True)
+    return issued
 
 
 def token_revoke(*, user: AbstractBaseUser, token_key: str) -> None:

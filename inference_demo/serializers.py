@@ -60,17 +60,6 @@ class DemoGenerateSerializer(serializers.Serializer):
         )
 
 
-class DemoRefusalSerializer(serializers.Serializer):
-    error = serializers.CharField(help_text="machine-readable code, e.g. no_grant, quota")
-    detail = serializers.CharField(help_text="what to tell the person")
-    action_url = serializers.CharField(allow_blank=True, help_text="where to fix it, if anywhere")
-    errors = serializers.DictField(
-        child=serializers.ListField(child=serializers.CharField()),
-        required=False,
-        help_text="per-field messages for invalid input",
-    )
-
-
 class DemoCancelSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     cancelled = serializers.BooleanField()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -27,9 +28,22 @@ NOT_YOURS = "No such demo request."
 
 
 class DemoRefused(Exception):
-    def __init__(self, message: str, *, code: str, status: int = 400, action_url: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int = 400,
+        action_url: str = "",
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code, self.status, self.action_url = code, status, action_url
+        self.retry_after = retry_after  # seconds, for a 429
+
+
+# A running request usually ends within seconds; a client should look again soon.
+CONCURRENCY_RETRY_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,19 @@ def tokens_used_today(user: AbstractBaseUser) -> int:
     return done + reserved
 
 
+def quota_retry_after(user: AbstractBaseUser, *, asked: int) -> int:
+    """Seconds until enough of the last 24 hours' tokens leave the window for `asked` more."""
+    now = timezone.now()
+    limit = settings.DEMO_LIMITS["daily_tokens"]
+    rows = DemoRequest.objects.filter(user=user, created_at__gte=now - timedelta(days=1))
+    used = tokens_used_today(user)
+    for row in rows.order_by("created_at"):
+        used -= row.max_new_tokens if row.status in DemoRequest.OPEN_STATUSES else row.tokens_out
+        if used + asked <= limit:
+            return max(1, math.ceil((row.created_at + timedelta(days=1) - now).total_seconds()))
+    return 24 * 3600  # asks for more than a whole day allows
+
+
 @transaction.atomic
 def demo_request_create(
     *,
@@ -110,7 +137,12 @@ def demo_request_create(
         user=user, status__in=DemoRequest.OPEN_STATUSES, created_at__gte=stale
     )
     if running.count() >= limits["concurrent_per_user"]:
-        raise DemoRefused(TOO_MANY.format(n=running.count()), code="too_many", status=429)
+        raise DemoRefused(
+            TOO_MANY.format(n=running.count()),
+            code="too_many",
+            status=429,
+            retry_after=CONCURRENCY_RETRY_SECONDS,
+        )
     used = tokens_used_today(user)
     if used + params.max_new_tokens > limits["daily_tokens"]:
         left = max(0, limits["daily_tokens"] - used)
@@ -118,6 +150,7 @@ def demo_request_create(
             QUOTA.format(quota=limits["daily_tokens"], left=left, asked=params.max_new_tokens),
             code="quota",
             status=429,
+            retry_after=quota_retry_after(user, asked=params.max_new_tokens),
         )
     return DemoRequest.objects.create(
         user=user, release=release, prompt=prompt, params=params.as_dict(), client=client

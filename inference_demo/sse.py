@@ -47,10 +47,7 @@ The response is `text/event-stream`: frames `event: <name>` + `data: <JSON>` + a
 (stopped), `unavailable` (no demo worker answered within seconds), `busy` (queue full), \
 `prompt_too_long` (for the model's context), `model_error`, `broken` (stream failed) |
 
-Closing the connection cancels the request and frees its slot. Refusals before the stream
-starts are JSON `{"error": code, "detail": message, "action_url": url}`: 400 invalid input,
-403 no access (the message says why, `action_url` where to fix it), 404 no such demo, 429
-concurrency limit or daily token quota reached."""
+Closing the connection cancels the request and frees its slot."""
 
 
 def frame(event: str, data: dict[str, Any]) -> bytes:

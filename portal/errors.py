@@ -5,10 +5,13 @@ from __future__ import annotations
 import sys
 
 from django.db import DatabaseError, InterfaceError, OperationalError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.views.defaults import server_error as django_server_error
 
+from portal.api_errors import error_response
+
 UNAVAILABLE = "The portal is briefly unavailable (database unreachable). Try again in a minute."
+SERVER_ERROR = "Something went wrong on our side; it has been logged. Try again later."
 RETRY_AFTER_SECONDS = 30
 
 
@@ -29,9 +32,7 @@ def server_error(request: HttpRequest) -> HttpResponse:
             "Accept", ""
         ) or request.path.startswith("/api/")
         if wants_json:
-            response: HttpResponse = JsonResponse(
-                {"error": "unavailable", "detail": UNAVAILABLE}, status=503
-            )
+            response: HttpResponse = error_response(UNAVAILABLE, "unavailable", 503)
         else:
             response = HttpResponse(
                 UNAVAILABLE, status=503, content_type="text/plain; charset=utf-8"
@@ -39,4 +40,6 @@ def server_error(request: HttpRequest) -> HttpResponse:
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         response["Cache-Control"] = "no-store"
         return response
+    if request.path.startswith("/api/"):
+        return error_response(SERVER_ERROR, "server_error", 500)
     return django_server_error(request)

@@ -17,9 +17,13 @@ from collections.abc import Callable
 from io import BytesIO
 from urllib.parse import parse_qsl
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.files.uploadhandler import FileUploadHandler
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
+
+from portal.api_errors import BODY_TOO_LARGE, error_response
 
 NOT_UTF8 = "The form was not sent as UTF-8; reload the page and try again."
 MALFORMED_MULTIPART = "The form could not be read ({error}); reload the page and try again."
@@ -101,11 +105,22 @@ class Utf8FormMiddleware:
         try:
             utf8 = form_is_utf8(request)
         except MultiPartParserError as exc:
-            return _bad_request(MALFORMED_MULTIPART.format(error=exc))
+            return _bad_request(request, MALFORMED_MULTIPART.format(error=exc), "malformed_form")
+        except RequestDataTooBig:
+            if not _is_api(request):
+                raise  # Django's own 400 page
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            return error_response(BODY_TOO_LARGE.format(limit=limit), "body_too_large", 413)
         if not utf8:
-            return _bad_request(NOT_UTF8)
+            return _bad_request(request, NOT_UTF8, "not_utf8")
         return self.get_response(request)
 
 
-def _bad_request(message: str) -> HttpResponse:
+def _is_api(request: HttpRequest) -> bool:
+    return request.path_info.startswith("/api/")
+
+
+def _bad_request(request: HttpRequest, message: str, code: str) -> HttpResponse:
+    if _is_api(request):  # the API's one error shape
+        return error_response(message, code, 400)
     return HttpResponseBadRequest(message, content_type="text/plain; charset=utf-8")

@@ -266,6 +266,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["portal.api_parsers.JSONParser"],
+    # JSON only, errors included: no browsable HTML pages (the docs are /api/docs/).
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {
@@ -292,13 +294,32 @@ REST_KNOX = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLaMA access portal API",
-    "DESCRIPTION": "Apply for, review and follow access to model weight releases.",
+    "DESCRIPTION": (
+        "Apply for, review and download model weight releases. Authenticate with a personal "
+        "token (`Authorization: Bearer <token>`; see the apiToken scheme for how to get one). "
+        "Every error is one JSON shape, the ErrorEnvelope: "
+        '`{"detail": "...", "code": "...", "errors": {"field": ["..."]}}`, with `errors` '
+        "filled in for invalid input fields and `{}` otherwise. docs/api.md walks through "
+        "the whole journey."
+    ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    "ENUM_NAME_OVERRIDES": {"ApplicationStatusEnum": "access.models.Application.Status"},
+    "ENUM_NAME_OVERRIDES": {
+        "ApplicationStatusEnum": "access.models.Application.Status",
+        "ArtifactVariantEnum": "weights.models.Artifact.Variant",
+    },
+    "TAGS": [
+        {"name": "releases", "description": "The catalogue; anonymous."},
+        {"name": "tokens", "description": "Personal API tokens."},
+        {"name": "license", "description": "The license in effect, and accepting it."},
+        {"name": "applications", "description": "Your applications for access."},
+        {"name": "review", "description": "The review queue and decisions (reviewers)."},
+        {"name": "grants", "description": "Your grants and their download links."},
+        {"name": "demo", "description": "The hosted inference demo."},
+    ],
 }
 
 # Bodies beyond this are refused: 400 for forms, 413 for the JSON API.

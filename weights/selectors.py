@@ -13,10 +13,14 @@ ORIGINAL = Q(artifacts__variant=Artifact.Variant.ORIGINAL)
 
 def catalogue() -> QuerySet[Release]:
     """Releases with the size and count of the files a download link serves (Meta's layout)."""
-    return Release.objects.annotate(
-        total_size=Sum("artifacts__size", filter=ORIGINAL),
-        file_count=Count("artifacts", filter=ORIGINAL),
-    ).select_related("license")
+    return (
+        Release.objects.annotate(
+            total_size=Sum("artifacts__size", filter=ORIGINAL),
+            file_count=Count("artifacts", filter=ORIGINAL),
+        )
+        .select_related("license")
+        .order_by(*Release._meta.ordering)
+    )  # an aggregate drops Meta.ordering
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from portal.csp_middleware import FILE_POLICY
 from portal.http import client_ip, user_agent
 from portal.text import one_line
 from weights.checksums import CHECKLIST_NAMES
+from weights.manifests import link_files, manifest_body
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.paths import artifact_path_ok
 from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
@@ -95,12 +96,8 @@ def _file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[Fil
             url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
             remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
         )
-        for artifact in _link_files(link.grant.release)
+        for artifact in link_files(link)
     ]
-
-
-def _link_files(release) -> list[Artifact]:
-    return list(release.artifacts.filter(variant=LINK_VARIANT).order_by("path"))
 
 
 def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = None):
@@ -140,26 +137,7 @@ def manifest(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token, as_json=True)
     if refused:
         return refused
-    release = link.grant.release
-    files = [
-        {
-            "path": row.artifact.path,
-            "size": row.artifact.size,
-            "sha256": row.artifact.sha256,
-            "md5": row.artifact.md5,
-            "url": row.url,
-            "remaining_bytes": row.remaining_bytes,
-        }
-        for row in _file_rows(request, link, token)
-    ]
-    body = {
-        "release": release.slug,
-        "name": release.name,
-        "expires_at": link.expires_at.isoformat(),
-        "budget_copies": link.budget_copies,
-        "files": files,
-    }
-    return protect(JsonResponse(body))
+    return protect(JsonResponse(manifest_body(request, link, token)))
 
 
 @safe_methods
@@ -195,7 +173,7 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
     release = link.grant.release
     base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
     # The file endpoint would refuse any other path, so the script never asks for one.
-    artifacts = [a for a in _link_files(release) if artifact_path_ok(a.path)]
+    artifacts = [a for a in link_files(link) if artifact_path_ok(a.path)]
     title = one_line(release.name)
     # Every value reaches sh as a single-quoted word, and every path as ./path, so no name
     # can run a command or pass for an option. The comment lines get a one-line title.

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
-from django_ratelimit.core import is_ratelimited
 
+from access.errors import ServiceError
 from access.models import Grant
 from weights import selectors
-from weights.services.links import LinkRefused, link_issue
-
-FRESH_LINK_LIMITED = "You requested several fresh links recently; try again in an hour."
+from weights.services.fresh_links import FRESH_LINK_LIMITED as FRESH_LINK_LIMITED
+from weights.services.fresh_links import fresh_link_issue
 
 
 def catalogue(request: HttpRequest) -> HttpResponse:
@@ -35,18 +33,9 @@ def my_downloads(request: HttpRequest) -> HttpResponse:
 @require_POST
 def fresh_link(request: HttpRequest, grant_id: int) -> HttpResponse:
     grant = get_object_or_404(Grant, pk=grant_id, user=request.user)
-    if is_ratelimited(
-        request,
-        group="weights.fresh_link",
-        key="user",
-        rate=settings.WEIGHTS_FRESH_LINK_RATE,
-        increment=True,
-    ):
-        messages.error(request, FRESH_LINK_LIMITED)
-        return redirect("weights:my_downloads")
     try:
-        issued = link_issue(grant=grant)
-    except LinkRefused as exc:
+        issued = fresh_link_issue(request=request, grant=grant)
+    except ServiceError as exc:  # over the allowance, or the grant was revoked
         messages.error(request, str(exc))
         return redirect("weights:my_downloads")
     # Shown once on the next page; never stored beyond this session round trip.

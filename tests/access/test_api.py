@@ -74,6 +74,17 @@ UNKNOWN_RELEASE = (
 NO_PK = {"release-list", "license-current", "license-accept", "application-list", "review-queue"}
 
 
+def refusal(detail: str, code: str) -> dict:
+    """The API's error envelope for an error that is not about input fields."""
+    return {"detail": detail, "code": code, "errors": {}}
+
+
+def invalid(errors: dict[str, list[str]]) -> dict:
+    """The envelope of a 400 on input fields."""
+    problems = " ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
+    return {"detail": f"Invalid input. {problems}", "code": "invalid", "errors": errors}
+
+
 def call(client, method: str, name: str, pk: int, body=None):
     return getattr(client, method)(url(name, pk), body)
 
@@ -126,7 +137,7 @@ def test_submit_needs_license_acceptance_and_complete_draft(api, alice, license_
     pk = create_draft(client, role="").json()["id"]
     refused = post(client, "application-submit", pk, {"accept_license": False})
     assert refused.status_code == 400
-    assert refused.json() == {"accept_license": [errors.LICENSE_NOT_ACCEPTED]}
+    assert refused.json() == invalid({"accept_license": [errors.LICENSE_NOT_ACCEPTED]})
     incomplete = post(client, "application-submit", pk, {"accept_license": True})
     assert incomplete.status_code == 400
     assert incomplete.json()["code"] == "incomplete"
@@ -140,7 +151,7 @@ def test_one_open_application_withdraw_and_apply_again(api, alice, releases):
     pk = create_draft(client).json()["id"]
     second = create_draft(client)
     assert second.status_code == 409
-    assert second.json() == {"detail": errors.ALREADY_OPEN, "code": "already_open"}
+    assert second.json() == refusal(errors.ALREADY_OPEN, "already_open")
     withdrawn = post(client, "application-withdraw", pk)
     assert withdrawn.status_code == 200
     assert withdrawn.json()["status"] == "withdrawn"
@@ -157,7 +168,9 @@ def test_catalogue_and_license_accept(api, alice, license_v1, releases):
     assert slugs == ["llama-7b", "llama-13b", "llama-33b", "llama-65b"]
     stale = client.post(url("license-accept"), {"accept": True, "version": "0"})
     assert stale.status_code == 400
-    assert "current: 1" in stale.json()["version"][0]
+    assert stale.json() == invalid(
+        {"version": ["Version 0 is not the current license (current: 1)."]}
+    )
     assert client.post(url("license-accept"), {"accept": False}).status_code == 400
     assert not LicenseAcceptance.objects.exists()
     accepted = client.post(url("license-accept"), {"accept": True, "version": "1"})
@@ -194,9 +207,9 @@ def test_reject_needs_a_reason_shown_to_the_applicant(
     client = api(reviewer)
     missing = post(client, "review-reject", application.pk, {})
     assert missing.status_code == 400
-    assert missing.json() == {"reason": ["This field is required."]}
+    assert missing.json() == invalid({"reason": ["This field is required."]})
     blank = post(client, "review-reject", application.pk, {"reason": "   "})
-    assert blank.json() == {"reason": ["This field may not be blank."]}
+    assert blank.json() == invalid({"reason": ["This field may not be blank."]})
     application.refresh_from_db()
     assert application.status == Status.SUBMITTED
 
@@ -222,7 +235,7 @@ def test_request_info_answer_returns_to_submitted(api, alice, reviewer, make_sub
     mine = researcher.get(url("application-detail", application.pk)).json()
     assert mine["events"][-1]["message"] == "Which lab?"
     empty = post(researcher, "application-answer", application.pk, {"answer": ""})
-    assert empty.json() == {"answer": ["This field may not be blank."]}
+    assert empty.json() == invalid({"answer": ["This field may not be blank."]})
     answered = post(researcher, "application-answer", application.pk, {"answer": "The NLP lab."})
     assert answered.status_code == 200
     assert answered.json()["status"] == "submitted"
@@ -272,7 +285,7 @@ def test_review_queue_oldest_first_with_status_filter(
     assert [a["id"] for a in rejected["results"]] == [first.pk]
     bad = client.get(url("review-queue"), {"status": "draft"})
     assert bad.status_code == 400
-    assert bad.json() == {"status": ['"draft" is not a valid choice.']}
+    assert bad.json() == invalid({"status": ['"draft" is not a valid choice.']})
 
 
 def test_review_detail_shows_answers_and_screening_flags(api, alice, reviewer, make_submitted):
@@ -292,7 +305,7 @@ def test_reviewer_cannot_approve_own_application(api, reviewer, make_submitted):
     application = make_submitted(reviewer)
     response = post(api(reviewer), "review-approve", application.pk, {"releases": ["llama-7b"]})
     assert response.status_code == 403
-    assert response.json() == {"detail": errors.OWN_APPLICATION, "code": "own_application"}
+    assert response.json() == refusal(errors.OWN_APPLICATION, "own_application")
     assert not Grant.objects.exists()
 
 
@@ -308,7 +321,7 @@ def test_charlie_cannot_reach_alices_application(
     before = (ApplicationEvent.objects.count(), Application.objects.get().status)
     response = call(api(charlie), method, name, application.pk, body)
     assert response.status_code == 404
-    assert response.json() == {"detail": "No such application."}
+    assert response.json() == refusal("No such application.", "not_found")
     assert (ApplicationEvent.objects.count(), Application.objects.get().status) == before
     assert api(charlie).get(url("application-list")).json()["results"] == []
 
@@ -326,13 +339,13 @@ def test_non_reviewers_get_403_on_review_endpoints(
         path = url(name) if name == "review-queue" else url(name, application.pk)
         response = getattr(api(user), method)(path, body)
         assert response.status_code == 403
-        assert response.json() == {"detail": errors.NOT_REVIEWER}
+        assert response.json() == refusal(errors.NOT_REVIEWER, "not_reviewer")
     assert Application.objects.get().status == Status.SUBMITTED
 
 
 @pytest.mark.parametrize(
     ("method", "name"),
-    [("get", "release-list"), ("get", "license-current"), ("post", "license-accept")]
+    [("get", "license-current"), ("post", "license-accept")]
     + [("get", "application-list"), ("post", "application-list"), ("get", "review-queue")]
     + [(m, n) for m, n, _ in RESEARCHER_ACTIONS + REVIEW_ACTIONS],
 )
@@ -340,7 +353,9 @@ def test_unauthenticated_requests_are_401(api, method, name):
     path = url(name) if name in NO_PK else url(name, 1)
     response = getattr(api(), method)(path, {})
     assert response.status_code == 401
-    assert response.json()["detail"] == "Authentication credentials were not provided."
+    assert response.json() == refusal(
+        "Authentication credentials were not provided.", "not_authenticated"
+    )
 
 
 # --- Schema and docs -----------------------------------------------------------
@@ -371,27 +386,32 @@ def test_docs_page(api, alice):
 JSON, FORM = "application/json", "application/x-www-form-urlencoded"
 
 
+TOO_LARGE = "Request body too large: the API accepts at most 262144 bytes."
+
+
 @pytest.mark.parametrize(
-    ("raw", "content_type", "status", "message"),
+    ("raw", "content_type", "status", "code", "message"),
     [
-        (b'{"full_name": ', JSON, 400, "JSON parse error - Expecting value"),
-        (b'{"full_name": "\xff\xfe"}', JSON, 400, "JSON parse error - 'utf-8' codec"),
-        (b'{"role": "' + b"x" * 300_000 + b'"}', JSON, 413, "Request body too large."),
-        (b"[1, 2]", JSON, 400, "Invalid data. Expected a dictionary, but got list."),
-        (b"role=x", FORM, 415, f'Unsupported media type "{FORM}" in request.'),
+        (b'{"full_name": ', JSON, 400, "parse_error", "JSON parse error - Expecting value"),
+        (b'{"full_name": "\xff\xfe"}', JSON, 400, "parse_error", "JSON parse error - 'utf-8'"),
+        (b'{"role": "' + b"x" * 300_000 + b'"}', JSON, 413, "body_too_large", TOO_LARGE),
+        (b"[1, 2]", JSON, 400, "invalid", "Invalid data. Expected a dictionary, but got list."),
+        (b"role=x", FORM, 415, "unsupported_media_type", f'Unsupported media type "{FORM}"'),
     ],
 )
-def test_malformed_bodies_are_4xx(api, alice, releases, raw, content_type, status, message):
+def test_malformed_bodies_are_4xx(api, alice, releases, raw, content_type, status, code, message):
     response = api(alice).post(url("application-list"), raw, content_type=content_type)
     assert response.status_code == status
     body = response.json()
-    assert (body.get("detail") or body["non_field_errors"][0]).startswith(message), body
+    assert (set(body), body["code"], body["errors"]) == ({"detail", "code", "errors"}, code, {})
+    assert body["detail"].startswith(message), body
     assert Application.objects.count() == 0
 
 
 NOT_REQUESTED = {
     "detail": errors.RELEASES_NOT_REQUESTED.format(releases="llama-65b"),
     "code": "not_requested",
+    "errors": {},
 }
 TOO_LONG_TEXT = "Ensure this field has no more than 5000 characters."
 NOT_A_LIST = 'Expected a list of items but got type "str".'
@@ -401,7 +421,7 @@ BAD_DRAFTS = [  # (body, field, its messages)
     ({"full_name": None}, "full_name", ["This field may not be null."]),
     ({"releases": ["llama-7b", "gpt-5"]}, "releases", [UNKNOWN_RELEASE]),
     ({"releases": ["llama-7b", "llama-7b"]}, "releases", ["List each release once."]),
-    ({"releases": [{"slug": "x"}]}, "releases", {"0": [BAD_SLUG]}),
+    ({"releases": [{"slug": "x"}]}, "releases.0", [BAD_SLUG]),
     ({"orcid": "0000-0002-1825-0098"}, "orcid", [BAD_ORCID]),
     ({"country": "Atlantis"}, "country", ['"Atlantis" is not a valid choice.']),
     ({"organisation_type": "cartel"}, "organisation_type", ['"cartel" is not a valid choice.']),
@@ -415,7 +435,7 @@ BAD_DRAFTS = [  # (body, field, its messages)
 def test_wrong_fields_are_400_with_field_messages(api, alice, releases, body, field, messages):
     response = api(alice).post(url("application-list"), body)
     assert response.status_code == 400
-    assert response.json() == {field: messages}
+    assert response.json() == invalid({field: messages})
     assert Application.objects.count() == 0
     assert ApplicationEvent.objects.count() == 0
 
@@ -438,7 +458,7 @@ def test_reviewer_bad_input_is_400_and_changes_nothing(
     application = make_submitted(alice)
     response = api(reviewer).post(url(name, application.pk), body)
     assert response.status_code == 400
-    assert response.json() == expected
+    assert response.json() == (expected if "code" in expected else invalid(expected))
     assert Application.objects.get().status == Status.SUBMITTED
     assert not Grant.objects.exists()
 
@@ -449,10 +469,11 @@ def test_out_of_range_id_is_404(api, alice):
 
 def test_no_license_in_effect(api, alice, releases):
     client = api(alice)
-    assert client.get(url("license-current")).json() == {"detail": errors.NO_CURRENT_LICENSE}
+    current = client.get(url("license-current"))
+    assert current.json() == refusal(errors.NO_CURRENT_LICENSE, "not_found")
     pk = create_draft(client).json()["id"]
     response = post(client, "application-submit", pk, {"accept_license": True})
-    assert response.json() == {"detail": errors.NO_CURRENT_LICENSE, "code": "no_license"}
+    assert response.json() == refusal(errors.NO_CURRENT_LICENSE, "no_license")
     assert Application.objects.get().status == Status.DRAFT
 
 
@@ -487,7 +508,7 @@ def test_failed_submissions_do_not_use_the_allowance_and_successes_do(
 
     refused = submit_fresh_draft(client)
     assert refused.status_code == 429
-    assert refused.json() == {"detail": SUBMIT_RATE_LIMITED, "code": "throttled"}
+    assert refused.json() == refusal(SUBMIT_RATE_LIMITED, "throttled")
     assert 3590 <= int(refused["Retry-After"]) <= 3600
     assert Application.objects.filter(applicant=alice, status=Status.DRAFT).count() == 1
     assert ApplicationEvent.objects.filter(actor=alice, action="submitted").count() == 2

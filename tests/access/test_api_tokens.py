@@ -288,6 +288,7 @@ def test_the_openapi_schema_says_how_to_get_and_send_a_token(client):
     scheme = schema["components"]["securitySchemes"]["apiToken"]
     assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
     assert "/account/api-tokens/" in scheme["description"]
+    assert "POST /api/tokens/" in scheme["description"]
     assert "password changes" in scheme["description"]
     assert "tokenAuth" not in schema["components"]["securitySchemes"]
 
@@ -304,3 +305,68 @@ def test_the_review_rate_limit_is_one_budget_for_tokens_and_the_session(
     assert reviewer_client.get("/api/review/applications/").status_code == 200
     assert api.get("/api/review/applications/").status_code == 429
     assert reviewer_client.get("/api/review/applications/").status_code == 429
+
+
+# --- the same rules over the API: POST /api/tokens/ from a session -------------------------
+
+
+def test_a_reviewer_session_that_passed_totp_mints_a_reviewing_token_over_the_api(
+    reviewer_client, reviewer, alice, make_submitted
+):
+    application = make_submitted(alice)
+    too_long = reviewer_client.post(
+        "/api/tokens/", {"name": "long", "days": 90}, content_type="application/json"
+    )
+    assert too_long.status_code == 400 and too_long.json()["errors"] == {
+        "days": ["A token lives between 1 and 7 days."]
+    }
+    response = reviewer_client.post(
+        "/api/tokens/", {"name": "review scripts"}, content_type="application/json"
+    )
+    assert response.status_code == 201, response.content
+    assert response["Cache-Control"] == "no-store"
+    created = response.json()
+    token = ApiToken.objects.get(user=reviewer)
+    assert (token.name, token.second_factor, created["second_factor"]) == (
+        "review scripts",
+        True,
+        True,
+    )
+    assert created["key"] == token.token_key and created["token"].startswith(token.token_key)
+    assert timedelta(days=6, hours=23) < token.expiry - timezone.now() <= timedelta(days=7)
+
+    approved = bearer(created["token"]).post(
+        f"/api/review/applications/{application.pk}/approve/",
+        {"releases": ["llama-7b"]},
+        format="json",
+    )
+    assert approved.status_code == 200, approved.content
+    assert Application.objects.get(pk=application.pk).status == S.APPROVED
+
+
+def test_tokens_are_listed_without_secrets_and_revoked_by_key(alice_client, alice, bob):
+    created = alice_client.post(
+        "/api/tokens/", {"name": "cluster", "days": 30}, content_type="application/json"
+    ).json()
+    api_token(bob)
+    listing = bearer(created["token"]).get("/api/tokens/")
+    assert listing.status_code == 200
+    token = ApiToken.objects.get(user=alice)
+    assert listing.json() == [
+        {
+            "key": token.token_key,
+            "name": "cluster",
+            "created": listing.json()[0]["created"],
+            "expiry": listing.json()[0]["expiry"],
+            "last_used_at": listing.json()[0]["last_used_at"],
+            "second_factor": False,
+        }
+    ]
+    assert listing.json()[0]["last_used_at"] is not None  # this very request used it
+    assert created["token"] not in listing.content.decode()
+    assert token.digest not in listing.content.decode()
+
+    revoked = alice_client.delete(f"/api/tokens/{token.token_key}/")
+    assert revoked.status_code == 204
+    assert bearer(created["token"]).get("/api/tokens/").status_code == 401
+    assert ApiToken.objects.filter(user=bob).count() == 1

@@ -71,7 +71,7 @@ def test_the_form_refuses_with_a_precise_message(
 def test_the_api_refuses_with_the_same_message(api, releases, field, value, label, char):
     response = api.post(reverse("api:application-list"), {**FIELDS, field: value}, format="json")
     assert response.status_code == 400
-    assert response.json() == {field: [expected(label, char)]}
+    assert response.json()["errors"] == {field: [expected(label, char)]}
     assert not Application.objects.exists()
 
 
@@ -113,7 +113,7 @@ def test_answers_refuse_invisible_characters_on_the_page_and_the_api(
         {"answer": "We study \u202erecall."},
         format="json",
     )
-    assert response.status_code == 400 and response.json() == {"answer": [message]}
+    assert response.status_code == 400 and response.json()["errors"] == {"answer": [message]}
     assert not ApplicationEvent.objects.filter(action="answered").exists()
     questioned.refresh_from_db()
     assert questioned.status == Application.Status.INFO_REQUESTED

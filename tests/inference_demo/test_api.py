@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 import yaml
 from django.test import override_settings
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from inference_demo.models import DemoRequest
@@ -27,7 +29,7 @@ from tests.inference_demo.test_views import (  # noqa: F401 (fixtures)
 )
 from tests.tokens import api_token
 
-URL = f"/api/demo/{DEMO}/generate"
+URL = f"/api/demo/{DEMO}/generate/"
 
 
 def token_client(user) -> APIClient:
@@ -48,7 +50,11 @@ def test_anonymous_callers_must_authenticate(fake_transport, demo_release):
     response = post(APIClient(), BODY)
     assert response.status_code == 401
     assert response["Content-Type"] == "application/json"
-    assert response.json() == {"detail": "Authentication credentials were not provided."}
+    assert response.json() == {
+        "detail": "Authentication credentials were not provided.",
+        "code": "not_authenticated",
+        "errors": {},
+    }
     assert response["WWW-Authenticate"] == 'Bearer realm="api"'
     assert not DemoRequest.objects.exists()
 
@@ -59,15 +65,21 @@ def test_callers_without_access_are_refused_with_the_reason(person, state, fake_
     code, message, action = REFUSALS[state]
     assert response.status_code == 403
     body = response.json()
-    assert (body["error"], body["detail"]) == (code, message)
-    if action:
-        assert body["action_url"] == action
+    assert (set(body), body["code"], body["errors"]) == ({"detail", "code", "errors"}, code, {})
+    assert body["detail"].startswith(message)
+    if action:  # where to fix it is said in words: the envelope has no other key
+        assert body["detail"] == f"{message} See http://testserver{action}"
     assert not DemoRequest.objects.exists()
 
 
 def test_a_release_without_a_demo_is_not_found(grantee, fake_transport):
-    response = token_client(grantee).post("/api/demo/llama-7b/generate", BODY, format="json")
+    response = token_client(grantee).post("/api/demo/llama-7b/generate/", BODY, format="json")
     assert response.status_code == 404
+    assert response.json() == {
+        "detail": "No demo for this release.",
+        "code": "not_found",
+        "errors": {},
+    }
 
 
 # --- streaming ----------------------------------------------------------------------------
@@ -81,7 +93,7 @@ def test_grantee_streams_events_with_a_token(grantee, fake_transport):
     row = DemoRequest.objects.get()
     assert events[0] == (
         "request",
-        {"id": row.pk, "cancel_url": f"/api/demo/requests/{row.pk}/cancel"},
+        {"id": row.pk, "cancel_url": f"/api/demo/requests/{row.pk}/cancel/"},
     )
     assert [n for n, _ in events][-2:] == ["delta", "done"]
     assert row.client == "api"
@@ -122,24 +134,35 @@ def test_grantee_generates_with_the_engine(grantee, embedded):
 
 
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("body", "field", "message"),
     [
-        ({**BODY, "max_new_tokens": 10_000}, "max_new_tokens"),
-        ({**BODY, "max_new_tokens": "many"}, "max_new_tokens"),
-        ({**BODY, "temperature": -1}, "temperature"),
-        ({**BODY, "top_p": 0}, "top_p"),
-        ({**BODY, "seed": 2**40}, "seed"),
-        ({**BODY, "prompt": ["a", "list"]}, "prompt"),
-        ({"max_new_tokens": 4}, "prompt"),
-        (["not", "an", "object"], "non_field_errors"),
+        ({**BODY, "max_new_tokens": 10_000}, "max_new_tokens", "less than or equal to 256."),
+        ({**BODY, "max_new_tokens": "many"}, "max_new_tokens", "A valid integer is required."),
+        ({**BODY, "temperature": -1}, "temperature", "greater than or equal to 0."),
+        ({**BODY, "top_p": 0}, "top_p", "Ensure this value is greater than 0."),
+        ({**BODY, "seed": 2**40}, "seed", "less than or equal to 4294967295."),
+        ({**BODY, "prompt": ["a", "list"]}, "prompt", "Not a valid string."),
+        ({"max_new_tokens": 4}, "prompt", "This field is required."),
     ],
 )
-def test_invalid_bodies_get_field_messages(grantee, fake_transport, body, field):
+def test_invalid_bodies_get_field_messages(grantee, fake_transport, body, field, message):
     response = post(token_client(grantee), body)
     assert response.status_code == 400
-    assert response.json()["error"] == "invalid_params"
-    assert field in response.json()["errors"]
+    error = response.json()
+    assert (error["code"], list(error["errors"])) == ("invalid", [field])
+    assert error["errors"][field][0].endswith(message), error
+    assert error["detail"] == f"Invalid input. {field}: {error['errors'][field][0]}"
     assert not DemoRequest.objects.exists()
+
+
+def test_a_body_that_is_not_an_object_is_refused_as_a_whole(grantee, fake_transport):
+    response = post(token_client(grantee), ["not", "an", "object"])
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": "Invalid data. Expected a dictionary, but got list.",
+        "code": "invalid",
+        "errors": {},
+    }
 
 
 @pytest.mark.parametrize(
@@ -155,7 +178,7 @@ def test_invalid_bodies_get_field_messages(grantee, fake_transport, body, field)
 def test_malformed_bodies_are_client_errors(grantee, fake_transport, raw, content_type):
     response = token_client(grantee).generic("POST", URL, raw, content_type=content_type)
     assert 400 <= response.status_code < 500, response.content
-    assert "detail" in response.json()
+    assert set(response.json()) == {"detail", "code", "errors"}
     assert not DemoRequest.objects.exists()
 
 
@@ -164,6 +187,11 @@ def test_an_oversized_body_is_refused(grantee, fake_transport):
     raw = json.dumps({**BODY, "prompt": "x" * 4096}).encode()
     response = token_client(grantee).generic("POST", URL, raw, content_type="application/json")
     assert response.status_code == 413
+    assert response.json() == {
+        "detail": "Request body too large: the API accepts at most 2048 bytes.",
+        "code": "body_too_large",
+        "errors": {},
+    }
     assert not DemoRequest.objects.exists()
 
 
@@ -171,7 +199,12 @@ def test_an_oversized_body_is_refused(grantee, fake_transport):
 def test_a_long_prompt_is_refused(grantee, fake_transport):
     response = post(token_client(grantee), {**BODY, "prompt": "y" * 11})
     assert response.status_code == 400
-    assert response.json()["error"] == "prompt_too_long"
+    message = "Keep the prompt under 10 characters (it has 11)."
+    assert response.json() == {
+        "detail": message,
+        "code": "prompt_too_long",
+        "errors": {"prompt": [message]},
+    }
 
 
 @override_settings(DEMO_LIMITS=limits(concurrent_per_user=2))
@@ -180,7 +213,8 @@ def test_concurrency_limit(grantee, demo_release, fake_transport):
         DemoRequest.objects.create(user=grantee, release=demo_release, prompt="p", status="running")
     response = post(token_client(grantee), BODY)
     assert response.status_code == 429
-    assert response.json()["detail"] == TOO_MANY.format(n=2)
+    assert response.json() == {"detail": TOO_MANY.format(n=2), "code": "too_many", "errors": {}}
+    assert int(response["Retry-After"]) > 0
     assert DemoRequest.objects.count() == 2
 
 
@@ -189,10 +223,18 @@ def test_daily_quota(grantee, demo_release, fake_transport):
     DemoRequest.objects.create(
         user=grantee, release=demo_release, prompt="p", status="done", tokens_out=45
     )
+    # The first request leaves the 24-hour window in 10 hours; only then do 8 tokens fit.
+    DemoRequest.objects.filter(tokens_out=45).update(
+        created_at=timezone.now() - timedelta(hours=14)
+    )
     response = post(token_client(grantee), {**BODY, "max_new_tokens": 8})
     assert response.status_code == 429
-    assert response.json()["error"] == "quota"
-    assert response.json()["detail"] == QUOTA.format(quota=50, left=5, asked=8)
+    assert response.json() == {
+        "detail": QUOTA.format(quota=50, left=5, asked=8),
+        "code": "quota",
+        "errors": {},
+    }
+    assert abs(int(response["Retry-After"]) - 10 * 3600) < 60
     assert DemoRequest.objects.count() == 1
 
 
@@ -201,10 +243,10 @@ def test_daily_quota(grantee, demo_release, fake_transport):
 
 def test_cancel_is_scoped_to_the_owner(grantee, charlie, demo_release, fake_transport):
     row = DemoRequest.objects.create(user=grantee, release=demo_release, prompt="p")
-    url = f"/api/demo/requests/{row.pk}/cancel"
+    url = f"/api/demo/requests/{row.pk}/cancel/"
     response = token_client(charlie).post(url)
     assert response.status_code == 404
-    assert response.json()["detail"] == NOT_YOURS
+    assert response.json() == {"detail": NOT_YOURS, "code": "not_found", "errors": {}}
     assert fake_transport.cancelled == []
     response = token_client(grantee).post(url)
     assert response.status_code == 200
@@ -215,7 +257,7 @@ def test_the_schema_documents_the_stream(client):
     response = client.get("/api/schema/")
     assert response.status_code == 200
     schema = yaml.safe_load(response.content)
-    operation = schema["paths"]["/api/demo/{slug}/generate"]["post"]
+    operation = schema["paths"]["/api/demo/{slug}/generate/"]["post"]
     assert operation["operationId"] == "demo_generate"
     assert "text/event-stream" in operation["responses"]["200"]["content"]
     for event in ("request", "queued", "started", "delta", "done", "error"):
@@ -223,6 +265,8 @@ def test_the_schema_documents_the_stream(client):
     body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     fields = schema["components"]["schemas"][body.rsplit("/", 1)[1]]["properties"]
     assert set(fields) == {"prompt", "max_new_tokens", "temperature", "top_p", "seed"}
-    for status in ("400", "401", "403", "429"):
-        assert status in operation["responses"]
-    assert "/api/demo/requests/{id}/cancel" in schema["paths"]
+    for status in ("400", "401", "403", "404", "429"):
+        error = operation["responses"][status]["content"]["application/json"]["schema"]
+        assert error["$ref"] == "#/components/schemas/ErrorEnvelope"
+    assert "action_url" not in operation["description"]
+    assert "/api/demo/requests/{id}/cancel/" in schema["paths"]

@@ -222,7 +222,7 @@ def test_stop_through_another_web_process_reaches_the_inprocess_engine(tmp_path,
     env = _process_env(tmp_path, DEMO_TRANSPORT="inprocess")
     browser = _browser(grantee)
     with _web("a", env, tmp_path) as a, _web("b", env, tmp_path) as b:
-        stream = browser.post(f"{a}/api/demo/{DEMO}/generate", json=LONG, stream=True, timeout=60)
+        stream = browser.post(f"{a}/api/demo/{DEMO}/generate/", json=LONG, stream=True, timeout=60)
         assert stream.status_code == 200, stream.text
         events, waited = _stop_through_the_other_process(
             stream, browser, b, "/demo/requests/{id}/cancel/"
@@ -260,7 +260,7 @@ def test_stop_through_another_web_process_reaches_the_redis_worker(
                 )
                 assert stream.status_code == 200, stream.text
                 events, waited = _stop_through_the_other_process(
-                    stream, browser, b, "/api/demo/requests/{id}/cancel"
+                    stream, browser, b, "/api/demo/requests/{id}/cancel/"
                 )
     finally:
         client.delete("demo", *client.keys("demo:*"))

@@ -250,7 +250,7 @@ def test_failed_submissions_are_free_and_the_allowance_holds_across_workers(port
     withdraw(first)
     status, headers, text = submit(draft(), {"accept_license": True})
     assert status == 429, text
-    assert json.loads(text) == {"detail": SUBMIT_RATE_LIMITED, "code": "throttled"}
+    assert json.loads(text) == {"detail": SUBMIT_RATE_LIMITED, "code": "throttled", "errors": {}}
     assert int(headers["Retry-After"]) > 3000
 
 
