@@ -6,18 +6,66 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 from tests.conftest import skip_unless_required
 from tests.servers import free_port
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.storage import S3Storage, get_storage, reset_storage
 
+# Where portal/settings.py keeps the cache without REDIS_URL (migration portal 0002).
+EMBEDDED_CACHE_TABLE = "portal_cache"
 # What a portal subprocess needs, besides the endpoint and bucket, to use the moto server.
 S3_KEYS = {"WEIGHTS_S3_REGION": "us-east-1", "WEIGHTS_S3_ADDRESSING_STYLE": "path"}
 S3_KEYS |= {"WEIGHTS_S3_ACCESS_KEY_ID": "testing", "WEIGHTS_S3_SECRET_ACCESS_KEY": "testing"}
+
+
+@dataclass(frozen=True)
+class ServerStorage:
+    """Where a portal subprocess keeps the weights: its environment, and what this test
+    process needs to publish to the same place (see `share_storage`)."""
+
+    mode: str  # "local" or "s3"
+    env: dict[str, str]
+    local_root: Path
+    s3_endpoint: str = ""
+    bucket: str = ""
+
+
+@contextlib.contextmanager
+def server_storage(request, tmp: Path, mode: str) -> Iterator[ServerStorage]:
+    """Local storage under `tmp`, or a fresh bucket on the loopback S3 server (mode "s3")."""
+    root = tmp / "weights"
+    root.mkdir()
+    if mode != "s3":
+        yield ServerStorage(
+            mode, {"WEIGHTS_STORAGE": "local", "WEIGHTS_LOCAL_ROOT": str(root)}, root
+        )
+        return
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = f"portal-{uuid.uuid4().hex[:12]}"
+    env = {"WEIGHTS_STORAGE": "s3", "WEIGHTS_S3_ENDPOINT_URL": endpoint, **S3_KEYS}
+    env["WEIGHTS_S3_BUCKET"] = bucket
+    with s3_bucket(endpoint, bucket):
+        yield ServerStorage(mode, env, root, s3_endpoint=endpoint, bucket=bucket)
+
+
+def share_storage(storage: ServerStorage, settings, monkeypatch) -> None:
+    """Make this process publish where the server reads, with the server's cache empty (a
+    flush leaves the cache table alone, and on SQLite the next test's link has the same id)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {EMBEDDED_CACHE_TABLE}")  # noqa: S608
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # loopback, never a proxy
+    if storage.mode == "s3":
+        point_settings_at_s3(settings, storage.s3_endpoint, storage.bucket)
+    else:
+        settings.WEIGHTS_STORAGE = "local"
+        settings.WEIGHTS_LOCAL_ROOT = storage.local_root
+        reset_storage()
 
 
 @contextlib.contextmanager

@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from access.services.reviews import application_approve
 from tests.conftest import require_tools, skip_unless_required
@@ -40,7 +38,7 @@ from tests.weights.clients import (
     run_client,
     size,
 )
-from tests.weights.conftest import S3_KEYS, point_settings_at_s3, s3_bucket
+from tests.weights.conftest import ServerStorage, server_storage, share_storage
 from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
 from weights.services.links import link_issue
 from weights.services.publishing import release_publish
@@ -54,8 +52,6 @@ PATH = "7B/consolidated.00.pth"
 RATE = 16 * MIB  # bytes per second: a 32 MiB file takes about 2 s, so each cut lands mid-file
 MODES = ("local", "xaccel", "s3")
 X_ACCEL_PREFIX = "/protected-weights/"
-# Where portal/settings.py keeps the cache without REDIS_URL (migration portal 0002).
-EMBEDDED_CACHE_TABLE = "portal_cache"
 
 
 @dataclass(frozen=True)
@@ -69,9 +65,7 @@ class Portal:
     mode: str
     url: str  # where clients connect: gunicorn, or nginx in front of it
     log: Path
-    local_root: Path
-    s3_endpoint: str = ""
-    bucket: str = ""
+    storage: ServerStorage
     headers: dict[str, str] = field(default_factory=dict)  # what every client sends
 
 
@@ -99,25 +93,18 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
     """gunicorn on the test database in one serving mode (nginx in front for xaccel)."""
     mode = request.param
     tmp = tmp_path_factory.mktemp(mode)
-    root = tmp / "weights"
-    root.mkdir()
-    storage = {"WEIGHTS_STORAGE": "local", "WEIGHTS_LOCAL_ROOT": str(root)}
     nginx = ""
     if mode == "xaccel":
         nginx = nginx_binary() or ""
         if not nginx:
             skip_unless_required("nginx not installed (apt-get install nginx-light)")
-        storage["WEIGHTS_X_ACCEL_PREFIX"] = X_ACCEL_PREFIX
     with contextlib.ExitStack() as stack:
-        s3 = {}
-        if mode == "s3":
-            endpoint = request.getfixturevalue("s3_server")
-            bucket = f"matrix-{uuid.uuid4().hex[:12]}"
-            stack.enter_context(s3_bucket(endpoint, bucket))
-            storage = {"WEIGHTS_STORAGE": "s3", "WEIGHTS_S3_ENDPOINT_URL": endpoint, **S3_KEYS}
-            storage["WEIGHTS_S3_BUCKET"] = bucket
-            s3 = {"s3_endpoint": endpoint, "bucket": bucket}
-        port, log = stack.enter_context(portal_gunicorn(tmp, storage, threads=16))  # aria2c -x16
+        storage = stack.enter_context(server_storage(request, tmp, mode))
+        env = dict(storage.env)
+        if nginx:
+            env["WEIGHTS_X_ACCEL_PREFIX"] = X_ACCEL_PREFIX
+        root = storage.local_root
+        port, log = stack.enter_context(portal_gunicorn(tmp, env, threads=16))  # aria2c -x16
         url, front = f"http://127.0.0.1:{port}", {}
         if nginx:
             # nginx on a port of its own: it passes the client's Host on, port included, so
@@ -126,7 +113,7 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
             url = f"http://127.0.0.1:{at}"
             # What an outer TLS terminator adds.
             front = {"headers": {"X-Forwarded-Proto": "https"}}
-        yield Portal(mode=mode, url=url, log=log, local_root=root, **s3, **front)
+        yield Portal(mode=mode, url=url, log=log, storage=storage, **front)
 
 
 # --- a link per test ---------------------------------------------------------------------------
@@ -134,17 +121,7 @@ def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
 
 @pytest.fixture(autouse=True)
 def _same_storage(portal, settings, monkeypatch):
-    """This process publishes where the server reads; the server's cache starts empty (a
-    flush leaves the table alone, and on SQLite the next test's link has the same id)."""
-    with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {EMBEDDED_CACHE_TABLE}")  # noqa: S608
-    if portal.mode == "s3":
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        point_settings_at_s3(settings, portal.s3_endpoint, portal.bucket)
-    else:
-        settings.WEIGHTS_STORAGE = "local"
-        settings.WEIGHTS_LOCAL_ROOT = portal.local_root
-        reset_storage()
+    share_storage(portal.storage, settings, monkeypatch)
     yield
     reset_storage()
 

@@ -13,14 +13,12 @@ import contextlib
 import hashlib
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -35,7 +33,7 @@ from access.services.reviews import application_approve, grant_revoke
 from access.tokens import token_create
 from tests.servers import SERVER_SECRET_KEY, portal_gunicorn, process_env
 from tests.weights.clients import eventually
-from tests.weights.conftest import S3_KEYS, point_settings_at_s3, s3_bucket
+from tests.weights.conftest import ServerStorage, server_storage, share_storage
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact, DownloadEvent, LinkUsage, Release
 from weights.services.publishing import release_publish
@@ -49,47 +47,25 @@ EMBEDDED_CACHE_TABLE = "portal_cache"
 
 @dataclass(frozen=True)
 class Portal:
-    mode: str
     url: str
-    local_root: Path
-    s3_endpoint: str = ""
-    bucket: str = ""
+    storage: ServerStorage
 
 
 @pytest.fixture(scope="module", params=("local", "s3"))
 def portal(request, django_db_setup, tmp_path_factory) -> Iterator[Portal]:
-    mode = request.param
-    tmp = tmp_path_factory.mktemp(f"hub-{mode}")
-    root = tmp / "weights"
-    root.mkdir()
-    storage = {"WEIGHTS_STORAGE": "local", "WEIGHTS_LOCAL_ROOT": str(root)}
+    tmp = tmp_path_factory.mktemp(f"hub-{request.param}")
     with contextlib.ExitStack() as stack:
-        s3 = {}
-        if mode == "s3":
-            endpoint = request.getfixturevalue("s3_server")
-            bucket = f"hub-{uuid.uuid4().hex[:12]}"
-            stack.enter_context(s3_bucket(endpoint, bucket))
-            storage = {"WEIGHTS_STORAGE": "s3", "WEIGHTS_S3_ENDPOINT_URL": endpoint, **S3_KEYS}
-            storage["WEIGHTS_S3_BUCKET"] = bucket
-            s3 = {"s3_endpoint": endpoint, "bucket": bucket}
-        port, _log = stack.enter_context(portal_gunicorn(tmp, storage))
-        yield Portal(mode=mode, url=f"http://127.0.0.1:{port}", local_root=root, **s3)
+        storage = stack.enter_context(server_storage(request, tmp, request.param))
+        port, _log = stack.enter_context(portal_gunicorn(tmp, storage.env))
+        yield Portal(url=f"http://127.0.0.1:{port}", storage=storage)
 
 
 @pytest.fixture(autouse=True)
 def _same_storage(portal, settings, monkeypatch, tmp_path):
     settings.SECRET_KEY = SERVER_SECRET_KEY  # tokens are stamped with it
-    with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {EMBEDDED_CACHE_TABLE}")  # noqa: S608
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    share_storage(portal.storage, settings, monkeypatch)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    if portal.mode == "s3":
-        point_settings_at_s3(settings, portal.s3_endpoint, portal.bucket)
-    else:
-        settings.WEIGHTS_STORAGE = "local"
-        settings.WEIGHTS_LOCAL_ROOT = portal.local_root
-        reset_storage()
     yield
     reset_storage()
 
@@ -138,10 +114,10 @@ def test_snapshot_download_gets_every_file_and_a_second_one_requests_none(
     for artifact in artifacts:
         assert sha256(folder / artifact.repo_path) == artifact.sha256, artifact.repo_path
     assert folder.name == Release.objects.get(slug=SLUG).revision
-    status = 302 if portal.mode == "s3" else 200
+    status = 302 if portal.storage.mode == "s3" else 200
     delivered = eventually(file_events, lambda n: n >= 2 * len(artifacts))
     outcomes = sorted(DownloadEvent.objects.values_list("outcome", "status_code"))
-    wanted = "redirected" if portal.mode == "s3" else "served"
+    wanted = "redirected" if portal.storage.mode == "s3" else "served"
     assert outcomes == sorted(
         [("head", 200)] * len(artifacts) + [(wanted, status)] * len(artifacts)
     )

@@ -17,6 +17,7 @@ from datetime import datetime
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from access.models import Grant
 from access.services.reviews import application_approve
 from tests.weights.clients import eventually
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
@@ -39,14 +40,9 @@ class Manifest(BaseModel):  # as llama-stack declares it
     expires_on: datetime
 
 
-def fetch(request: urllib.request.Request) -> tuple[dict, bytes]:
-    with urllib.request.urlopen(request) as response:  # noqa: S310 (the live server)
-        return dict(response.headers), response.read()
-
-
-def test_llama_download_manifest_lists_every_file_and_each_downloads_by_range(
-    live_server, local_storage, tmp_path, alice, reviewer, make_submitted, releases
-):
+@pytest.fixture
+def token(local_storage, tmp_path, alice, reviewer, make_submitted, releases) -> str:
+    """Alice's link to a published two-shard sample release."""
     source = tmp_path / "src"
     write_sample_release(source, size_label="7B", shards=2, shard_bytes=MIB, seed=5)
     release_publish(directory=source, slug="llama-7b")
@@ -55,7 +51,15 @@ def test_llama_download_manifest_lists_every_file_and_each_downloads_by_range(
         reviewer=reviewer,
         releases=[releases["llama-7b"]],
     )
-    token = link_issue(grant=grant).token
+    return link_issue(grant=grant).token
+
+
+def fetch(request: urllib.request.Request) -> tuple[dict, bytes]:
+    with urllib.request.urlopen(request) as response:  # noqa: S310 (the live server)
+        return dict(response.headers), response.read()
+
+
+def test_llama_download_manifest_lists_every_file_and_each_downloads_by_range(live_server, token):
 
     headers, body = fetch(urllib.request.Request(f"{live_server.url}/d/{token}/llama-stack.json"))
 
@@ -77,37 +81,15 @@ def test_llama_download_manifest_lists_every_file_and_each_downloads_by_range(
     assert eventually(served, lambda n: n >= len(artifacts)) == len(artifacts)
 
 
-def test_the_landing_page_offers_the_manifest_and_the_hub_commands(
-    client, local_storage, tmp_path, alice, reviewer, make_submitted, releases, settings
-):
-    source = tmp_path / "src"
-    write_sample_release(source, size_label="7B", shards=1, shard_bytes=MIB, seed=6)
-    release_publish(directory=source, slug="llama-7b")
-    [grant] = application_approve(
-        application=make_submitted(alice, slugs=("llama-7b",)),
-        reviewer=reviewer,
-        releases=[releases["llama-7b"]],
-    )
-    token = link_issue(grant=grant).token
+def test_the_landing_page_offers_the_manifest_and_the_hub_commands(client, token, settings):
     page = client.get(f"/d/{token}/").content.decode()
     assert f"/d/{token}/llama-stack.json" in page
     assert "llama download --source meta --manifest-file llama-stack.json" in page
     assert f"hf download {settings.WEIGHTS_HUB_NAMESPACE}/llama-7b" in page
 
 
-def test_a_revoked_link_gets_no_manifest(
-    client, local_storage, tmp_path, alice, reviewer, make_submitted, releases
-):
-    source = tmp_path / "src"
-    write_sample_release(source, size_label="7B", shards=1, shard_bytes=MIB, seed=7)
-    release_publish(directory=source, slug="llama-7b")
-    [grant] = application_approve(
-        application=make_submitted(alice, slugs=("llama-7b",)),
-        reviewer=reviewer,
-        releases=[releases["llama-7b"]],
-    )
-    token = link_issue(grant=grant).token
-    link_issue(grant=grant)  # replaces it
+def test_a_replaced_link_gets_no_manifest(client, token):
+    link_issue(grant=Grant.objects.get())  # replaces it
     response = client.get(f"/d/{token}/llama-stack.json")
     assert response.status_code == 403
     assert "models" not in response.json()
