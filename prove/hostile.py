@@ -205,7 +205,7 @@ def _control_characters(port: int, auth: dict, slug: str) -> tuple[bool, dict]:
         body = json.dumps({**DRAFT, "full_name": full_name, "releases": [slug]}).encode()
         headers = {**auth, "Content-Type": "application/json"}
         status, _, raw = _exchange(port, "POST", "/api/applications/", body=body, headers=headers)
-        message = _json(raw).get("full_name")
+        message = _json(raw).get("errors", {}).get("full_name")
         got[name] = [status, message]
         ok = ok and status == 400 and bool(message)
     after = _count(port, auth)
