@@ -260,3 +260,73 @@ def test_the_hub_door_spends_the_links_budget(portal, granted, token, tmp_path):
     assert "budget" in str(raised.value).lower()
     event = DownloadEvent.objects.filter(link=link, outcome="budget").get()
     assert event.artifact_id == artifact.pk
+
+
+# --- the link door's rules, through the Hub door ------------------------------------------------
+
+
+def _fetch(portal, token, tmp_path) -> Path:
+    return Path(
+        hf_hub_download(
+            repo(), "original/7B/params.json", endpoint=portal.url, token=token, cache_dir=tmp_path
+        )
+    )
+
+
+def test_a_new_license_gates_the_hub_until_accepted(portal, granted, token, tmp_path):
+    from access.services.licenses import license_publish
+
+    license_publish(name="Research license", version="2", text="New terms.")
+    with pytest.raises(GatedRepoError) as raised:
+        _fetch(portal, token, tmp_path / "a")
+    assert "The license changed to version 2" in str(raised.value)
+    assert "/license/accept/" in str(raised.value)
+    link = granted.download_links.get(revoked_at__isnull=True)
+    assert DownloadEvent.objects.filter(link=link, outcome="license").count() == 1
+
+
+def test_a_link_a_reviewer_revoked_stays_revoked_on_the_hub(
+    portal, granted, token, tmp_path, reviewer
+):
+    from weights.services.links import link_issue, link_revoke
+
+    live = link_issue(grant=granted).link
+    link_revoke(link=live, actor=reviewer, reason="Shared on a forum.")
+    with pytest.raises(GatedRepoError) as raised:
+        _fetch(portal, token, tmp_path / "a")
+    assert "This download link was revoked" in str(raised.value)
+    assert granted.download_links.filter(revoked_at__isnull=True).count() == 0  # none issued
+    link_issue(grant=granted)  # a fresh link from My downloads opens both doors again
+    assert sha256(_fetch(portal, token, tmp_path / "b")) == (
+        Artifact.objects.get(release__slug=SLUG, path="7B/params.json").sha256
+    )
+
+
+def test_an_expired_link_is_replaced_for_the_hub_and_the_new_one_is_not_emailed(
+    portal, granted, token, tmp_path, mailoutbox
+):
+    from django.utils import timezone
+
+    from weights.services.links import link_issue
+
+    old = link_issue(grant=granted).link
+    type(old).objects.filter(pk=old.pk).update(expires_at=timezone.now())
+    sent = len(mailoutbox)
+
+    assert sha256(_fetch(portal, token, tmp_path)) == (
+        Artifact.objects.get(release__slug=SLUG, path="7B/params.json").sha256
+    )
+    old.refresh_from_db()
+    new = granted.download_links.get(revoked_at__isnull=True)
+    assert new.pk != old.pk and old.revoked_at is not None
+    assert new.emailed_at is None and len(mailoutbox) == sent
+    delivered = ("served", "redirected")  # redirected: to S3
+    served = DownloadEvent.objects.filter(link=new, outcome__in=delivered).exists
+    assert eventually(served, bool)  # written when the stream closes
+
+
+def test_a_disabled_account_is_gated(portal, granted, token, tmp_path, alice):
+    type(alice).objects.filter(pk=alice.pk).update(is_active=False)
+    with pytest.raises(HfHubHTTPError) as raised:
+        _fetch(portal, token, tmp_path)
+    assert raised.value.response.status_code in (401, 403)
