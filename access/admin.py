@@ -21,7 +21,13 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django_countries import countries
 
-from access import admin_actions
+import access.admin_request_forms  # noqa: F401 (registers RequestFormAdmin)
+from access import (  # noqa: F401 (registers)
+    admin_actions,
+    admin_dashboard,
+    admin_grants,
+    admin_policies,
+)
 from access.errors import InvalidInput, ServiceError
 from access.models import (
     ApiToken,
@@ -36,10 +42,12 @@ from access.models import (
     WebhookEndpoint,
     WebhookEventType,
 )
+from access.review_queue_admin import DECISION_KEYS, QueueAdminMixin
 from access.selectors import review_queue, screening_flags
 from access.services import reviews, webhooks
 from access.services.licenses import license_publish
 from access.services.notifications import outbox_retry
+from access.services.request_forms import answer_sheets
 
 Status = Application.Status
 
@@ -69,7 +77,13 @@ class CountryListFilter(admin.SimpleListFilter):
     parameter_name = "country"
 
     def lookups(self, request, model_admin):
-        codes = model_admin.get_queryset(request).order_by().values_list("country", flat=True)
+        # DISTINCT in the database (application_country_idx), not 100,000 rows into Python.
+        codes = (
+            model_admin.get_queryset(request)
+            .order_by()
+            .values_list("country", flat=True)
+            .distinct()
+        )
         return sorted(
             ((code, countries.name(code)) for code in set(codes) if code), key=lambda item: item[1]
         )
@@ -118,7 +132,7 @@ class SentFilter(admin.SimpleListFilter):
 
 
 @admin.register(Application)
-class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
+class ApplicationAdmin(QueueAdminMixin, DecidePermissionMixin, ReadOnlyAdmin):
     change_form_template = "admin/access/application/change_form.html"
     list_display = (
         "id",
@@ -126,18 +140,34 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
         "applicant_email",
         "affiliation",
         "organisation_type",
-        "country",
+        "country_name",
         "requested",
         "status",
-        "submitted_at",
+        "age",
+        "held_by",
         "flags",
     )
     list_display_links = ("id", "full_name")
-    list_filter = ("status", "organisation_type", CountryListFilter, "requested_releases")
+    list_filter = (
+        "status",
+        QueueAdminMixin.ClaimFilter,
+        "organisation_type",
+        CountryListFilter,
+        "requested_releases",
+    )
     search_fields = ("full_name", "applicant__email", "institutional_email", "affiliation")
     ordering = ("submitted_at", "pk")
     list_per_page = 50
-    actions = ("approve_selected", "reject_selected", "request_info_selected", "revoke_selected")
+    # COUNT(*) over the whole queue on every page is not worth its time at 100,000 rows.
+    show_full_result_count = False
+    actions = (
+        "approve_selected",
+        "reject_selected",
+        "request_info_selected",
+        "revoke_selected",
+        "claim_selected",
+        "release_selected",
+    )
     fieldsets = (
         (
             "Applicant",
@@ -148,7 +178,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
                     "institutional_email",
                     "affiliation",
                     "organisation_type",
-                    "country",
+                    "country_name",
                     "role",
                 )
             },
@@ -169,7 +199,9 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest):
         # Drafts are the applicant's private work in progress, not part of the queue.
-        return review_queue()
+        return review_queue().select_related(
+            "claimed_by", "license_acceptance__user", "license_acceptance__license_version"
+        )
 
     @admin.display(description="applicant email", ordering="applicant__email")
     def applicant_email(self, obj: Application) -> str:
@@ -181,7 +213,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
 
     @admin.display(description="screening flags")
     def flags(self, obj: Application) -> str:
-        found = screening_flags(obj)
+        found = self.flags_of(obj)
         if not found:
             return "—"
         return format_html(
@@ -197,16 +229,18 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
     ) -> HttpResponse:
         if obj is not None:
             context.update(
+                **self.claim_context(request, obj),
                 screening_flags=screening_flags(obj),
                 events=obj.events.select_related("actor"),
                 grants=obj.grants.select_related(
                     "release", "license_version", "granted_by", "revoked_by"
                 ),
                 decision_links=self.decision_links(request, obj),
+                answer_sheets=answer_sheets(obj),
             )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def decision_links(self, request: HttpRequest, obj: Application) -> list[tuple[str, str]]:
+    def decision_links(self, request: HttpRequest, obj: Application) -> list[tuple[str, str, str]]:
         if not self.has_decide_permission(request):
             return []
         offered = []
@@ -220,6 +254,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
             (
                 admin_actions.DECISIONS[name].title,
                 reverse(f"admin:access_application_{name}", args=[obj.pk]),
+                DECISION_KEYS.get(name, ""),
             )
             for name in offered
         ]
@@ -235,7 +270,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
             )
             for name in admin_actions.DECISIONS
         ]
-        return decisions + super().get_urls()
+        return decisions + self.claim_urls() + super().get_urls()
 
     def decision_view(self, request: HttpRequest, object_id: int, decision: str) -> HttpResponse:
         """The intermediate page for one decision on one application."""
@@ -250,7 +285,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
         form = spec.make_form(request.POST if posted else None, application=application)
         if posted and form.is_valid():
             try:
-                spec.run(application, request.user, form.cleaned_data)
+                self.run_unless_held(spec.run, application, request.user, form.cleaned_data)
             except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 if not isinstance(exc, InvalidInput):  # bad input: show the form again
@@ -284,7 +319,7 @@ class ApplicationAdmin(DecidePermissionMixin, ReadOnlyAdmin):
             title=title,
             submit=spec.submit if name != "approve" else "Approve all requested releases",
             make_form=spec.make_bulk_form,
-            run=lambda obj, data: spec.run(obj, request.user, data),
+            run=lambda obj, data: self.run_unless_held(spec.run, obj, request.user, data),
             done=spec.done,
             describe_row=lambda obj: f"{obj} — {self.requested(obj)} ({obj.get_status_display()})",
         )
@@ -348,21 +383,33 @@ class GrantAdmin(DecidePermissionMixin, ReadOnlyAdmin):
     search_fields = ("user__email", "application__full_name", "release__slug")
     list_select_related = ("user", "release", "application", "license_version", "granted_by")
     actions = ("revoke_selected_grants",)
+    change_list_template = "admin/access/grant/change_list.html"
+    change_form_template = "admin/access/grant/change_form.html"
+
+    def get_urls(self):
+        return [
+            path(
+                "grant-directly/",
+                self.admin_site.admin_view(self.grant_directly_view),
+                name="access_grant_direct",
+            ),
+            path(
+                "<int:object_id>/revoke/",
+                self.admin_site.admin_view(self.revoke_view),
+                name="access_grant_revoke",
+            ),
+            *super().get_urls(),
+        ]
+
+    def grant_directly_view(self, request: HttpRequest) -> HttpResponse:
+        return admin_grants.grant_directly_view(self, request)
+
+    def revoke_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        return admin_grants.grant_revoke_view(self, request, object_id)
 
     @admin.action(description="Revoke selected grants…", permissions=["decide"])
     def revoke_selected_grants(self, request: HttpRequest, queryset):
-        return admin_actions.bulk_page(
-            self,
-            request,
-            queryset.select_related("user", "release"),
-            title="Revoke the selected grants",
-            submit="Revoke",
-            make_form=admin_actions.ReasonForm,
-            run=lambda grant, data: reviews.grant_revoke(
-                grant=grant, reviewer=request.user, reason=data["reason"]
-            ),
-            done="Revoked",
-        )
+        return admin_grants.revoke_selected_page(self, request, queryset)
 
 
 @admin.register(LicenseVersion)

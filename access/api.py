@@ -24,7 +24,9 @@ from rest_framework.views import APIView
 
 from access import errors, selectors
 from access import serializers as s
+from access.claim_serializers import ReviewQueueRowSerializer
 from access.models import Application, LicenseAcceptance, LicenseVersion
+from access.request_form_serializers import answers_as_field_errors
 from access.second_factor import NEEDS_SECOND_FACTOR, second_factor_satisfied
 from access.services import applications as application_services
 from access.services import licenses as license_services
@@ -196,7 +198,9 @@ class ApplicationListCreate(ResearcherView, generics.GenericAPIView):
         summary="Start an application (a draft)",
         description="Creates a draft with the fields given; every field is optional until "
         "you submit. One application may be open at a time. Your email address must be "
-        "verified.",
+        "verified. `answers` answers the extra questions of the requested releases "
+        "(`release_retrieve` lists them): `{release_slug: {question_key: value}}`; a bad "
+        "answer is a 400 naming `answers.<slug>.<key>`, and nothing is saved.",
         request=s.ApplicationWriteSerializer,
         responses={
             201: s.ApplicationSerializer,
@@ -216,10 +220,11 @@ class ApplicationListCreate(ResearcherView, generics.GenericAPIView):
     )
     def post(self, request: Request) -> Response:
         data = parse(s.ApplicationWriteSerializer, request)
-        releases = data.pop("releases", None)
-        application = application_services.application_save_draft(
-            applicant=request.user, fields=data, releases=releases
-        )
+        releases, answers = data.pop("releases", None), data.pop("answers", None)
+        with answers_as_field_errors():
+            application = application_services.application_save_draft(
+                applicant=request.user, fields=data, releases=releases, answers=answers
+            )
         return self.respond(application, status.HTTP_201_CREATED)
 
 
@@ -239,8 +244,9 @@ class ApplicationDetail(ResearcherView):
         operation_id="application_update",
         tags=APPLICATIONS,
         summary="Edit a draft",
-        description="Changes the fields given and leaves the others. Only a draft can be "
-        "edited; a submitted application is answered through `application_answer`.",
+        description="Changes the fields given and leaves the others (in `answers`, the "
+        "questions given). Only a draft can be edited; a submitted application is answered "
+        "through `application_answer`.",
         request=s.ApplicationWriteSerializer,
         responses={
             200: s.ApplicationSerializer,
@@ -258,10 +264,15 @@ class ApplicationDetail(ResearcherView):
     def patch(self, request: Request, pk: int) -> Response:
         application = self.get_application(pk)
         data = parse(s.ApplicationWriteSerializer, request)
-        releases = data.pop("releases", None)
-        application = application_services.application_save_draft(
-            applicant=request.user, fields=data, releases=releases, application=application
-        )
+        releases, answers = data.pop("releases", None), data.pop("answers", None)
+        with answers_as_field_errors():
+            application = application_services.application_save_draft(
+                applicant=request.user,
+                fields=data,
+                releases=releases,
+                application=application,
+                answers=answers,
+            )
         return self.respond(application)
 
 
@@ -273,7 +284,9 @@ class ApplicationSubmit(ResearcherView):
         tags=APPLICATIONS,
         summary="Submit a draft for review",
         description="Accepts the current license and submits the draft, together or not "
-        "at all. Every required field must be filled in (the 400 lists those missing). "
+        "at all. Every required field must be filled in (the 400 lists those missing), and "
+        "every required question of the requested releases answered (a 400 naming each "
+        "missing `answers.<slug>.<key>`). "
         "Reviewers are notified by email. Only successful submissions count against the "
         "allowance (PORTAL_SUBMIT_RATE).",
         request=s.SubmitSerializer,
@@ -301,7 +314,7 @@ class ApplicationSubmit(ResearcherView):
         application = self.get_application(pk)
         parse(s.SubmitSerializer, request)
         # Acceptance and submission stand or fall together.
-        with transaction.atomic():
+        with answers_as_field_errors(), transaction.atomic():
             throttles.submission_allowance_check(user=request.user)
             current = license_services.license_current()
             acceptance = None if current is None else accept_license(request, current)
@@ -367,7 +380,7 @@ class ApplicationAnswer(ResearcherView):
 
 
 class ReviewQueue(ReviewerView, generics.ListAPIView):
-    serializer_class = s.ReviewQueueItemSerializer
+    serializer_class = ReviewQueueRowSerializer  # who holds each row, since when, its age
     pagination_class = Page
 
     def get_queryset(self) -> QuerySet[Application]:
@@ -393,7 +406,7 @@ class ReviewQueue(ReviewerView, generics.ListAPIView):
         "minted from one.",
         parameters=[s.QueueFilterSerializer, RETRY_AFTER],
         responses={
-            200: s.ReviewQueueItemSerializer(many=True),
+            200: ReviewQueueRowSerializer(many=True),
             **review_errors(
                 400,
                 404,

@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from access import api, token_api
+from access import api, api_grants, claim_api, token_api
 
 app_name = "api"
 
@@ -35,4 +35,18 @@ urlpatterns = [
         name="review-request-info",
     ),
     path("review/applications/<int:pk>/revoke/", api.ReviewRevoke.as_view(), name="review-revoke"),
+    path(
+        "review/applications/<int:pk>/claim/", claim_api.ReviewClaim.as_view(), name="review-claim"
+    ),
+    path(
+        "review/applications/<int:pk>/release-claim/",
+        claim_api.ReviewReleaseClaim.as_view(),
+        name="review-release-claim",
+    ),
+    path("review/grants/", api_grants.ReviewGrantListCreate.as_view(), name="review-grant-list"),
+    path(
+        "review/grants/<int:pk>/revoke/",
+        api_grants.ReviewGrantRevoke.as_view(),
+        name="review-grant-revoke",
+    ),
 ]

@@ -9,10 +9,12 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 from django_countries.fields import CountryField
 from knox.models import AbstractAuthToken
 
+from access.policy_conditions import conditions_help, validate_conditions
 from access.validators import (
     NoInvisibleCharacters,
     validate_intended_use_length,
@@ -146,9 +148,26 @@ class Application(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     submitted_at = models.DateTimeField(null=True, blank=True, db_index=True)
     decided_at = models.DateTimeField(null=True, blank=True)
+    # Working the queue as a team (access.services.claims): who holds it, since when.
+    claimed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["submitted_at", "created_at"]
+        indexes = [
+            # The queue: a status filter, oldest first.
+            models.Index(fields=["status", "submitted_at", "id"], name="application_queue_idx"),
+            models.Index(fields=["country"], name="application_country_idx"),
+            # Batched screening flags look up duplicates by lower-cased email and name.
+            models.Index(Lower("institutional_email"), name="application_email_lower_idx"),
+            models.Index(Lower("full_name"), name="application_name_lower_idx"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["applicant"],
@@ -198,6 +217,7 @@ class ApplicationEvent(AppendOnlyModel):
         REJECTED = "rejected", "Rejected"
         WITHDRAWN = "withdrawn", "Withdrawn"
         REVOKED = "revoked", "Approval revoked"
+        HELD = "held", "Held for review"  # an approval policy left it for a person
 
     DECISIONS = (Action.APPROVED, Action.REJECTED, Action.INFO_REQUESTED, Action.REVOKED)
 
@@ -209,6 +229,12 @@ class ApplicationEvent(AppendOnlyModel):
     from_status = models.CharField(max_length=20, choices=Application.Status.choices, blank=True)
     to_status = models.CharField(max_length=20, choices=Application.Status.choices)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # Set when an approval policy decided: `actor` is then the policy's service account and
+    # `actor_label` names policy and rule, kept even after the rule is edited or deleted.
+    policy_rule = models.ForeignKey(
+        "access.PolicyRule", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    actor_label = models.CharField(max_length=400, blank=True)
 
     class Meta:
         ordering = ["created_at", "pk"]
@@ -222,7 +248,11 @@ class Grant(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="grants"
     )
     release = models.ForeignKey("weights.Release", on_delete=models.PROTECT, related_name="grants")
-    application = models.ForeignKey(Application, on_delete=models.PROTECT, related_name="grants")
+    # Null for a direct grant, given by a reviewer without an application
+    # (access.services.direct_grants; its reason is in GrantEvent).
+    application = models.ForeignKey(
+        Application, on_delete=models.PROTECT, null=True, blank=True, related_name="grants"
+    )
     license_version = models.ForeignKey(
         LicenseVersion, on_delete=models.PROTECT, related_name="grants"
     )
@@ -432,3 +462,189 @@ class WebhookAttempt(models.Model):
     def __str__(self) -> str:
         outcome = self.response_status or self.error.partition(":")[0] or "no answer"
         return f"attempt {self.number} of {self.delivery.uuid}: {outcome}"
+
+
+# --- Per-release request forms (access.services.request_forms) ---------------------------
+
+
+class QuestionKind(models.TextChoices):
+    TEXT = "text", "Text (one line)"
+    LONG_TEXT = "long_text", "Long text"
+    CHECKBOX = "checkbox", "Checkbox"
+    SELECT = "select", "Select (one of the options)"
+    DATE = "date", "Date"
+    COUNTRY = "country", "Country"
+    URL = "url", "URL"
+
+
+class RequestForm(models.Model):
+    """One version of a release's extra questions; the highest version is the current one.
+
+    A version that has answers is never edited: changing its questions makes the next
+    version, so that every answer keeps the question it answered.
+    """
+
+    release = models.ForeignKey(
+        "weights.Release", on_delete=models.PROTECT, related_name="request_forms"
+    )
+    version = models.PositiveIntegerField(editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["release", "-version"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["release", "version"], name="one_request_form_per_release_version"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.release} request form v{self.version}"
+
+
+class RequestQuestion(models.Model):
+    form = models.ForeignKey(RequestForm, on_delete=models.CASCADE, related_name="questions")
+    key = models.SlugField(
+        max_length=50, help_text="Stable name for the API and the export, e.g. lab_website."
+    )
+    kind = models.CharField(max_length=20, choices=QuestionKind.choices)
+    label = models.CharField(max_length=200, validators=[NoInvisibleCharacters("Label")])
+    help_text = models.TextField(
+        max_length=1000, blank=True, validators=[NoInvisibleCharacters("Help text", multiline=True)]
+    )
+    required = models.BooleanField(default=False)
+    options = models.JSONField(default=list, blank=True, help_text="For select: the choices.")
+    order = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["form", "order", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["form", "key"], name="one_request_question_per_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.key})"
+
+
+class RequestAnswer(models.Model):
+    """An applicant's answer to one question of the form version they answered."""
+
+    application = models.ForeignKey(
+        Application, on_delete=models.CASCADE, related_name="request_answers"
+    )
+    question = models.ForeignKey(RequestQuestion, on_delete=models.PROTECT, related_name="answers")
+    # A string for every kind (dates as YYYY-MM-DD, countries as ISO codes), true for a
+    # ticked checkbox.
+    value = models.JSONField()
+    answered_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["application", "question__order", "question__pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["application", "question"], name="one_request_answer_per_question"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.question.key} of application #{self.application_id}"
+
+
+# --- Direct grants and per-release revocation (access.services.direct_grants) -------------
+
+
+class GrantEvent(AppendOnlyModel):
+    """Who gave or took one grant, and why: the audit trail of grants given without an
+    application and of grants revoked one by one. A decision on a whole application is an
+    ApplicationEvent instead."""
+
+    class Action(models.TextChoices):
+        GRANTED = "granted", "Granted directly"
+        REVOKED = "revoked", "Revoked"
+
+    grant = models.ForeignKey(Grant, on_delete=models.PROTECT, related_name="events")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    action = models.CharField(max_length=20, choices=Action.choices)
+    reason = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} by {self.actor} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+# --- Reviewer dashboard (access.admin_dashboard) -------------------------------------------
+
+
+class ReviewDashboard(Application):
+    """No table of its own: gives the admin a URL (/admin/access/reviewdashboard/) and an
+    entry on the admin index for the reviewer dashboard."""
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "review dashboard"
+
+
+# --- Approval policies (access.services.approval_policies) ---------------------------------
+
+
+class ApprovalPolicy(models.Model):
+    """How a release's applications are decided: by a person (manual) or by ordered rules."""
+
+    class Mode(models.TextChoices):
+        MANUAL = "manual", "Manual: every application waits for a reviewer"
+        RULES = "rules", "Rules: the first matching rule decides, else a reviewer"
+
+    release = models.OneToOneField(
+        "weights.Release", on_delete=models.CASCADE, related_name="approval_policy"
+    )
+    name = models.CharField(max_length=200, validators=[NoInvisibleCharacters("Name")])
+    mode = models.CharField(max_length=10, choices=Mode.choices, default=Mode.MANUAL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["release"]
+        verbose_name_plural = "approval policies"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PolicyRule(models.Model):
+    class Outcome(models.TextChoices):
+        APPROVE = "approve", "Approve"
+        HOLD = "hold", "Hold for a reviewer"
+        REQUEST_INFO = "request_info", "Request information"
+
+    policy = models.ForeignKey(ApprovalPolicy, on_delete=models.CASCADE, related_name="rules")
+    position = models.PositiveIntegerField(default=0, help_text="Rules are tried in this order.")
+    name = models.CharField(max_length=200, validators=[NoInvisibleCharacters("Name")])
+    conditions = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_conditions],
+        help_text=(
+            'A list of conditions that must all hold, e.g. [{"type": "email_domain_in", '
+            '"domains": ["ox.ac.uk"]}, {"type": "orcid_valid"}]; [] matches every application. '
+            "Types: " + conditions_help() + "."
+        ),
+    )
+    outcome = models.CharField(max_length=20, choices=Outcome.choices)
+    question = models.TextField(
+        blank=True, help_text="The stock question sent to the applicant (request information)."
+    )
+
+    class Meta:
+        ordering = ["policy", "position", "pk"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.outcome == self.Outcome.REQUEST_INFO and not self.question.strip():
+            raise ValidationError(
+                {"question": "A rule that requests information needs a question."}
+            )

@@ -10,6 +10,7 @@ from allauth.account.models import EmailAddress
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
+from django.db.models.functions import Lower
 
 from access.models import Application, Grant
 from weights.models import Release
@@ -61,7 +62,7 @@ def grants_for(*, user: AbstractBaseUser) -> QuerySet[Grant]:
 def review_queue() -> QuerySet[Application]:
     return (
         Application.objects.exclude(status=Application.Status.DRAFT)
-        .select_related("applicant")
+        .select_related("applicant", "claimed_by")
         .prefetch_related("requested_releases")
         .order_by("submitted_at", "pk")
     )
@@ -109,6 +110,69 @@ def _domain(email: str) -> str:
 
 def screening_flags(application: Application) -> list[ScreeningFlag]:
     """Automatic hints for reviewers. They inform a decision; they never make one."""
+    return screening_flags_for([application])[application.pk]
+
+
+def _cased(value: str) -> tuple[str, str]:
+    return value, value.lower()
+
+
+def _is_free_mail(domain: str) -> bool:
+    return domain in FREE_MAIL_DOMAINS or domain in settings.PORTAL_EXTRA_FREE_MAIL_DOMAINS
+
+
+def screening_flags_for(applications: Iterable[Application]) -> dict[int, list[ScreeningFlag]]:
+    """The flags of many applications in three queries, whatever their number and the table's size.
+
+    The duplicate look-up goes through the lower-cased email and name indexes
+    (application_email_lower_idx, application_name_lower_idx).
+    """
+    applications = list(applications)
+    if not applications:
+        return {}
+    applicant_ids = {a.applicant_id for a in applications}
+    verified_domains: dict[int, set[str]] = {}
+    if any(_domain(a.institutional_email) for a in applications):
+        for user_id, email in EmailAddress.objects.filter(
+            user__in=applicant_ids, verified=True
+        ).values_list("user_id", "email"):
+            verified_domains.setdefault(user_id, set()).add(_domain(email))
+
+    # The raw values too: SQLite's LOWER() folds ASCII only, Python's lower() all of Unicode.
+    emails = {
+        v for a in applications if a.institutional_email for v in _cased(a.institutional_email)
+    }
+    names = {v for a in applications if a.full_name for v in _cased(a.full_name)}
+    by_email: dict[str, list[dict]] = {}
+    by_name: dict[str, list[dict]] = {}
+    if emails or names:
+        candidates = (
+            Application.objects.exclude(status=Application.Status.DRAFT)
+            .annotate(email_lower=Lower("institutional_email"), name_lower=Lower("full_name"))
+            .filter(Q(email_lower__in=emails) | Q(name_lower__in=names))
+            .order_by()
+            .values("pk", "applicant_id", "institutional_email", "full_name", "applicant__email")
+        )
+        for row in candidates:
+            by_email.setdefault(row["institutional_email"].lower(), []).append(row)
+            by_name.setdefault(row["full_name"].lower(), []).append(row)
+
+    rejected: dict[int, set[int]] = {}
+    for applicant_id, pk in Application.objects.filter(
+        applicant__in=applicant_ids, status=Application.Status.REJECTED
+    ).values_list("applicant_id", "pk"):
+        rejected.setdefault(applicant_id, set()).add(pk)
+
+    return {a.pk: _flags_of(a, verified_domains, by_email, by_name, rejected) for a in applications}
+
+
+def _flags_of(
+    application: Application,
+    verified_domains: dict[int, set[str]],
+    by_email: dict[str, list[dict]],
+    by_name: dict[str, list[dict]],
+    rejected: dict[int, set[int]],
+) -> list[ScreeningFlag]:
     flags: list[ScreeningFlag] = []
     if application.country and application.country.code in settings.PORTAL_RESTRICTED_COUNTRIES:
         flags.append(
@@ -118,61 +182,39 @@ def screening_flags(application: Application) -> list[ScreeningFlag]:
             )
         )
     domain = _domain(application.institutional_email)
-    if domain in FREE_MAIL_DOMAINS or domain in settings.PORTAL_EXTRA_FREE_MAIL_DOMAINS:
+    if _is_free_mail(domain):
         flags.append(
             ScreeningFlag("free_mail", f"Institutional email uses a free-mail domain ({domain}).")
         )
-    elif domain:
-        verified_domains = {
-            _domain(e)
-            for e in EmailAddress.objects.filter(
-                user=application.applicant_id, verified=True
-            ).values_list("email", flat=True)
-        }
-        if domain not in verified_domains:
-            flags.append(
-                ScreeningFlag(
-                    "unverified_domain",
-                    f"No verified address at {domain}; the institutional email is unconfirmed.",
-                )
+    elif domain and domain not in verified_domains.get(application.applicant_id, set()):
+        flags.append(
+            ScreeningFlag(
+                "unverified_domain",
+                f"No verified address at {domain}; the institutional email is unconfirmed.",
             )
-    others = Application.objects.exclude(applicant=application.applicant_id).exclude(
-        status=Application.Status.DRAFT
-    )
-    duplicate_q = Q()
-    if application.institutional_email:
-        duplicate_q |= Q(institutional_email__iexact=application.institutional_email)
-    if application.full_name:
-        duplicate_q |= Q(full_name__iexact=application.full_name)
-    if duplicate_q:
-        for other in others.filter(duplicate_q).select_related("applicant")[:5]:
-            same = (
-                "email"
-                if other.institutional_email.lower() == application.institutional_email.lower()
-                else "name"
-            )
-            flags.append(
-                ScreeningFlag(
-                    "possible_duplicate",
-                    f"Same {same} as application #{other.pk} by {other.applicant.email}.",
-                )
-            )
-    if application.affiliation and application.full_name:
-        near = others.filter(
-            affiliation__iexact=application.affiliation, full_name__iexact=application.full_name
         )
-        if near.exists() and not any(f.code == "possible_duplicate" for f in flags):
-            flags.append(
-                ScreeningFlag(
-                    "possible_duplicate", "Same name and affiliation as another applicant."
-                )
+    email = application.institutional_email.lower()
+    name = application.full_name.lower()
+    seen: set[int] = set()
+    others = []
+    # Earlier matches first, as a reviewer reads the queue; at most five.
+    for row in sorted(
+        [*(by_email.get(email, []) if email else []), *(by_name.get(name, []) if name else [])],
+        key=lambda row: row["pk"],
+    ):
+        if row["applicant_id"] == application.applicant_id or row["pk"] in seen:
+            continue
+        seen.add(row["pk"])
+        others.append(row)
+    for other in others[:5]:
+        same = "email" if email and other["institutional_email"].lower() == email else "name"
+        flags.append(
+            ScreeningFlag(
+                "possible_duplicate",
+                f"Same {same} as application #{other['pk']} by {other['applicant__email']}.",
             )
-    rejected = Application.objects.filter(
-        applicant=application.applicant_id, status=Application.Status.REJECTED
-    )
-    if application.pk:
-        rejected = rejected.exclude(pk=application.pk)
-    count = rejected.count()
+        )
+    count = len(rejected.get(application.applicant_id, set()) - {application.pk})
     if count:
         flags.append(
             ScreeningFlag(

@@ -23,6 +23,7 @@ from access.models import (
     LicenseAcceptance,
     LicenseVersion,
 )
+from access.request_form_serializers import AnswersField, AnswersMixin
 from access.selectors import REVIEW_QUEUE_ORDERINGS, screening_flags
 from access.services.applications import EDITABLE_FIELDS
 from access.validators import ANSWER_TEXT
@@ -93,10 +94,11 @@ class ApplicationWriteSerializer(CountryFieldMixin, StrictSerializer, serializer
     releases = ReleaseSlugsField(
         required=False, help_text="Catalogue slugs of the releases requested, e.g. llama-7b."
     )
+    answers = AnswersField()
 
     class Meta:
         model = Application
-        fields = [*EDITABLE_FIELDS, "releases"]
+        fields = [*EDITABLE_FIELDS, "releases", "answers"]
 
 
 class SubmitSerializer(StrictSerializer):
@@ -278,6 +280,8 @@ class EventSerializer(serializers.ModelSerializer):
         ]
 
     def get_by(self, obj: ApplicationEvent) -> str:
+        if obj.actor_label:  # decided by an approval policy
+            return "policy"
         return "applicant" if obj.actor_id == obj.application.applicant_id else "reviewer"
 
 
@@ -317,24 +321,34 @@ class ApplicationSummarySerializer(CountryFieldMixin, serializers.ModelSerialize
         ]
 
 
-class ApplicationSerializer(ApplicationSummarySerializer):
+APPLICANT_HIDDEN_EVENTS = ("held",)
+
+
+class ApplicationSerializer(AnswersMixin, ApplicationSummarySerializer):
     """What the applicant sees: their answers, the timeline and their grants."""
 
     license_version = serializers.CharField(
         source="license_acceptance.license_version.version", allow_null=True, default=None
     )
-    events = EventSerializer(many=True)
+    events = serializers.SerializerMethodField()
     grants = ApplicationGrantSerializer(many=True)
 
     class Meta(ApplicationSummarySerializer.Meta):
         fields = [
             *ApplicationSummarySerializer.Meta.fields,
             *EDITABLE_FIELDS,
+            "answers",
             "license_version",
             "updated_at",
             "events",
             "grants",
         ]
+
+    @extend_schema_field(EventSerializer(many=True))
+    def get_events(self, obj: Application) -> list[dict]:
+        # As on the page: a hold names the policy rule that held it, not for applicants.
+        events = [e for e in obj.events.all() if e.action not in APPLICANT_HIDDEN_EVENTS]
+        return EventSerializer(events, many=True, context=self.context).data
 
 
 class ReviewQueueItemSerializer(ApplicationSummarySerializer):
@@ -385,3 +399,107 @@ class ReviewApplicationSerializer(ApplicationSerializer):
     @extend_schema_field(FlagSerializer(many=True))
     def get_screening_flags(self, obj: Application) -> list[dict[str, str]]:
         return FlagSerializer(screening_flags(obj), many=True).data
+
+
+# --- Direct grants and per-release revocation (access.api_grants) --------------------------
+
+UNKNOWN_ACCOUNT = "No account has the email address or id {value}."
+
+
+class AccountField(serializers.CharField):
+    """An account by its email address (any case) or its numeric id."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", 254)
+        kwargs.setdefault("help_text", "The account's email address or its numeric id.")
+        super().__init__(**kwargs)
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        from django.contrib.auth import get_user_model
+
+        value = super().run_validation(data)  # the text, its length checked
+        accounts = get_user_model().objects
+        found = (
+            accounts.filter(pk=int(value)).first()
+            if value.isdigit()
+            else accounts.filter(email__iexact=value).order_by("pk").first()
+        )
+        if found is None:
+            raise serializers.ValidationError(UNKNOWN_ACCOUNT.format(value=value))
+        return found
+
+
+class ReleaseSlugField(serializers.SlugField):
+    """One catalogue slug in, its Release row out."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", 64)
+        kwargs.setdefault("help_text", "The release's catalogue slug, e.g. llama-7b.")
+        super().__init__(**kwargs)
+
+    def run_validation(self, data: Any = serializers.empty) -> Release:
+        slug = super().run_validation(data)  # the slug, its form and length checked
+        release = Release.objects.filter(slug=slug).first()
+        if release is None:
+            choices = ", ".join(Release.objects.values_list("slug", flat=True))
+            raise serializers.ValidationError(UNKNOWN_RELEASES.format(slugs=slug, choices=choices))
+        return release
+
+
+class DirectGrantCreateSerializer(StrictSerializer):
+    user = AccountField()
+    release = ReleaseSlugField()
+    reason = serializers.CharField(
+        max_length=MAX_TEXT, help_text="Why this account gets the release; kept for the record."
+    )
+
+
+class GrantFilterSerializer(serializers.Serializer):
+    """Query parameters; others (page, page_size) belong to the paginator."""
+
+    user = AccountField(required=False)
+    release = ReleaseSlugField(required=False)
+    active = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="true: only active grants; false: only revoked ones; omit for both.",
+    )
+
+
+class ReviewGrantSerializer(serializers.ModelSerializer):
+    """A grant as a reviewer sees it: whose, from which application (null: direct), and why."""
+
+    user_id = serializers.IntegerField()
+    user_email = serializers.EmailField(source="user.email")
+    release = ReleaseSerializer()
+    application_id = serializers.IntegerField(
+        allow_null=True, help_text="Null for a grant given directly, without an application."
+    )
+    direct_reason = serializers.CharField(
+        allow_null=True, help_text="For a direct grant, the reviewer's reason; else null."
+    )
+    license_version = serializers.CharField(source="license_version.version")
+    active = serializers.BooleanField(source="is_active")
+    granted_by_email = serializers.EmailField(source="granted_by.email")
+    revoked_by_email = serializers.EmailField(
+        source="revoked_by.email", allow_null=True, default=None
+    )
+
+    class Meta:
+        model = Grant
+        fields = [
+            "id",
+            "user_id",
+            "user_email",
+            "release",
+            "application_id",
+            "direct_reason",
+            "license_version",
+            "active",
+            "granted_by_email",
+            "created_at",
+            "revoked_at",
+            "revoked_by_email",
+            "revoke_reason",
+        ]

@@ -41,3 +41,12 @@ def deliver_webhook(delivery_id: int) -> bool:
 @shared_task
 def sweep_webhooks() -> int:
     return webhooks.webhook_sweep()
+
+
+@shared_task(acks_late=True)
+def apply_approval_policies(application_id: int) -> str:
+    # Idempotent: acts only on a submitted application, and writes one "held" event per run
+    # of the queue (access.services.approval_policies).
+    from access.services.approval_policies import policies_apply
+
+    return policies_apply(application_id)

@@ -14,7 +14,7 @@ from access.forms import AnswerForm, ApplicationForm, LicenseAcceptForm
 from access.models import Application, LicenseAcceptance
 from access.services import applications as application_services
 from access.services import licenses as license_services
-from access.services import throttles
+from access.services import request_forms, throttles
 from portal.http import client_ip, user_agent
 
 
@@ -39,7 +39,10 @@ def apply(request: HttpRequest) -> HttpResponse:
                 fields=form.service_fields(),
                 releases=form.cleaned_data["requested_releases"],
                 application=current,
+                answers=form.answers,
             )
+        except request_forms.AnswersInvalid as exc:
+            form.add_answer_errors(exc.field_errors)
         except errors.ServiceError as exc:
             form.add_error(None, str(exc))
         else:
@@ -79,6 +82,8 @@ def _submit(
             )
     except errors.ServiceError as exc:
         form.add_error(None, f"Your draft is saved, but it could not be submitted: {exc}")
+        if isinstance(exc, request_forms.AnswersInvalid):
+            form.add_answer_errors(exc.field_errors)
         return False
     return True
 
@@ -104,9 +109,13 @@ def application_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "access/application_detail.html",
         {
             "application": application,
-            "events": application.events.exclude(action="created").select_related("actor"),
+            # A hold names the policy rule that held it: not for applicants to game.
+            "events": application.events.exclude(action__in=["created", "held"]).select_related(
+                "actor"
+            ),
             "grants": application.grants.select_related("release"),
             "answer_form": AnswerForm(),
+            "answer_sheets": request_forms.answer_sheets(application),
         },
     )
 

@@ -424,6 +424,8 @@ PORTAL_REQUIRE_SERVICES = envbool("PORTAL_REQUIRE_SERVICES", False)
 # Reviewers are reminded of an application still awaiting review after this many days,
 # at most once a day per application; 0 turns reminders off.
 PORTAL_REVIEW_REMINDER_DAYS = envint("PORTAL_REVIEW_REMINDER_DAYS", 3, minimum=0)
+# A reviewer's claim on an application (access.services.claims) lapses after this long.
+PORTAL_REVIEW_CLAIM_MINUTES = envint("PORTAL_REVIEW_CLAIM_MINUTES", 30, minimum=1)
 
 # --- Weights: storage, download links, serving ---------------------------------
 WEIGHTS_STORAGE = envchoice("WEIGHTS_STORAGE", "local", ("local", "s3"))

@@ -6,6 +6,8 @@ from django.contrib import admin
 from django.db.models import Count, Sum
 from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
+from django.utils.html import format_html
 
 from access import admin_actions
 from access.admin import DecidePermissionMixin, ReadOnlyAdmin
@@ -15,7 +17,7 @@ from weights.services.links import link_revoke
 
 class ArtifactInline(admin.TabularInline):
     model = Artifact
-    fields = ("path", "size", "sha256", "md5", "storage_key")
+    fields = ("variant", "path", "size", "sha256", "md5", "storage_key")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -36,9 +38,19 @@ class ReleaseAdmin(admin.ModelAdmin):
         "description",
         "sort_order",
         "published_at",
+        "revision",
+        "request_form",
     )
-    readonly_fields = ("published_at",)
+    readonly_fields = ("published_at", "revision", "request_form")
     inlines = [ArtifactInline]
+
+    @admin.display(description="request form")
+    def request_form(self, obj: Release) -> str:
+        """Where operators edit the release's extra application questions (access admin)."""
+        if obj.pk is None:
+            return "Save the release first."
+        url = reverse("admin:access_requestform_changelist") + f"?release__id__exact={obj.pk}"
+        return format_html('<a href="{}">Questions applicants answer for this release</a>', url)
 
     def get_queryset(self, request: HttpRequest):
         return (

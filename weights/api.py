@@ -62,7 +62,9 @@ class ReleaseDetail(JsonAPIView):
         tags=RELEASES,
         summary="Read a release and its files",
         description="One release with every file (path, variant, size, SHA-256), its "
-        "parameter count, license and total size. Anonymous: no token needed.",
+        "parameter count, license and total size, and its `request_form`: the extra "
+        "questions an application for it answers (kind, label, help text, required, "
+        "options), to build the form from. Anonymous: no token needed.",
         responses={
             200: s.ReleaseDetailSerializer,
             **error_responses(401, 404, notes={**BAD_TOKEN_401, 404: "No release has this slug."}),

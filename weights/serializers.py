@@ -7,7 +7,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from access.models import LicenseVersion
+from access.request_form_serializers import RequestFormSerializer
 from access.serializers import ReleaseSerializer
+from access.services.request_forms import current_form
 from weights.models import Artifact, Release
 
 
@@ -61,8 +63,19 @@ class ReleaseDetailSerializer(ReleaseListSerializer):
         "link serves) and `transformers` (the Hugging Face layout, served by the Hub door).",
     )
 
+    request_form = serializers.SerializerMethodField(
+        help_text="The extra questions an application for this release answers (the "
+        "current version of its request form); null when it asks none. Send the answers "
+        "as `answers` in `applications_create` or `application_update`."
+    )
+
     class Meta(ReleaseListSerializer.Meta):
-        fields = [*ReleaseListSerializer.Meta.fields, "description", "files"]
+        fields = [*ReleaseListSerializer.Meta.fields, "description", "files", "request_form"]
+
+    @extend_schema_field(RequestFormSerializer(allow_null=True))
+    def get_request_form(self, release: Release) -> dict | None:
+        form = current_form(release)
+        return RequestFormSerializer(form).data if form is not None else None
 
 
 # --- grants --------------------------------------------------------------------------------

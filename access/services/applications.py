@@ -18,6 +18,7 @@ from access import errors
 from access.models import Application, ApplicationEvent, Grant, LicenseAcceptance
 from access.services.licenses import license_current
 from access.services.notifications import notification_create
+from access.services.request_forms import answers_save, required_answers_check
 from access.services.webhooks import application_event_emit
 from weights.models import Release
 
@@ -126,8 +127,13 @@ def application_save_draft(
     fields: Mapping[str, Any],
     releases: Iterable[Release] | None = None,
     application: Application | None = None,
+    answers: Mapping[str, Any] | None = None,
 ) -> Application:
-    """Create the applicant's draft or update it. Drafts may be incomplete."""
+    """Create the applicant's draft or update it. Drafts may be incomplete.
+
+    `answers` are the extra questions of the requested releases, {slug: {key: value}}
+    (access.services.request_forms); None leaves them as they are.
+    """
     if application is None:
         if Application.objects.filter(
             applicant=applicant, status__in=Application.OPEN_STATUSES
@@ -150,6 +156,7 @@ def application_save_draft(
         raise errors.IllegalTransition(errors.ALREADY_OPEN, code="already_open") from None
     if releases is not None:
         application.requested_releases.set(list(releases))
+    answers_save(application=application, answers=answers)
     if creating:
         record_event(
             application=application, actor=applicant, action=Action.CREATED, from_status=""
@@ -183,6 +190,7 @@ def application_submit(
     slugs = set(application.requested_releases.values_list("slug", flat=True))
     if not slugs:
         raise errors.InvalidInput(errors.NO_RELEASES, code="no_releases")
+    required_answers_check(application)
     already = slugs & _active_grant_slugs(applicant)
     if already:
         raise errors.InvalidInput(
@@ -216,7 +224,15 @@ def application_submit(
         country=str(application.country.name),
         releases=_release_names(slugs),
     )
+    _approval_policies_after_commit(application)
     return application
+
+
+def _approval_policies_after_commit(application: Application) -> None:
+    # Imported here: approval_policies acts through reviews, which imports this module.
+    from access.services.approval_policies import policies_apply_after_commit
+
+    policies_apply_after_commit(application.pk)
 
 
 def _release_names(slugs: Iterable[str]) -> list[str]:
@@ -289,6 +305,7 @@ def application_answer(
         message=answer,
     )
     notify_reviewers(application, "reviewer_answer_received", answer=answer)
+    _approval_policies_after_commit(application)
     return application
     for email in reviewer_emails(exclude=applicant):
         notification_create(

@@ -9,6 +9,7 @@ REVIEWER_PERMISSIONS = (
     ("access", "decide_application"),
     ("access", "view_applicationevent"),
     ("access", "view_grant"),
+    ("access", "view_grantevent"),
     ("access", "view_licenseversion"),
     ("access", "view_licenseacceptance"),
     ("access", "view_notification"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -10,9 +11,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from access import errors
-from access.models import Application, ApplicationEvent, Grant
+from access.models import Application, ApplicationEvent, Grant, PolicyRule
+from access.services import claims
 from access.services.applications import lock, notify_applicant, record_event, refuse_transition
-from access.services.webhooks import grant_revoked_emit
+from access.services.webhooks import application_event_emit, grant_revoked_emit
 from weights.models import Release
 
 Status = Application.Status
@@ -29,24 +31,71 @@ def is_reviewer(user: AbstractBaseUser) -> bool:
     )
 
 
-def _check_reviewer(application: Application, reviewer: AbstractBaseUser) -> None:
+@dataclass(frozen=True)
+class PolicyDecider:
+    """An approval policy deciding in a reviewer's place (access.services.approval_policies).
+
+    It may approve and ask for information, never reject or revoke: those stay with people.
+    `user` is the policy's service account, for the columns that need a user.
+    """
+
+    rule: PolicyRule
+    label: str  # "policy <name>: rule <rule>", as the timeline shows it
+    user: AbstractBaseUser
+
+
+Decider = AbstractBaseUser | PolicyDecider
+
+
+def _acting_user(decider: Decider) -> AbstractBaseUser:
+    return decider.user if isinstance(decider, PolicyDecider) else decider
+
+
+def _record(*, decider: Decider, **fields) -> ApplicationEvent:
+    if not isinstance(decider, PolicyDecider):
+        return record_event(actor=decider, **fields)
+    application = fields.pop("application")
+    event = ApplicationEvent.objects.create(
+        application=application,
+        actor=decider.user,
+        policy_rule=decider.rule,
+        actor_label=decider.label,
+        action=fields["action"],
+        from_status=fields["from_status"],
+        to_status=application.status,
+        message=fields.get("message", ""),
+        releases=sorted(fields.get("releases", ())),
+    )
+    application_event_emit(event)
+    return event
+
+
+def _check_reviewer(
+    application: Application, reviewer: Decider, *, policy_may: bool = False
+) -> None:
+    if isinstance(reviewer, PolicyDecider):
+        if not policy_may:
+            raise errors.NotAllowed(errors.NOT_REVIEWER, code="not_reviewer")
+        return
     if not is_reviewer(reviewer):
         raise errors.NotAllowed(errors.NOT_REVIEWER, code="not_reviewer")
     if application.applicant_id == reviewer.pk:
         raise errors.NotAllowed(errors.OWN_APPLICATION, code="own_application")
+    # Another reviewer's live claim binds every door (admin, API, commands) alike.
+    claims.refuse_if_held(application, reviewer)
 
 
 @transaction.atomic
 def application_approve(
     *,
     application: Application,
-    reviewer: AbstractBaseUser,
+    reviewer: Decider,
     releases: Iterable[Release],
     note: str = "",
 ) -> list[Grant]:
     """Approve some or all requested releases; creates one Grant per release granted."""
     application = lock(application.pk)
-    _check_reviewer(application, reviewer)
+    _check_reviewer(application, reviewer, policy_may=True)
     if application.status not in DECIDABLE:
         raise refuse_transition(application, "approve")
     chosen = {release.slug: release for release in releases}
@@ -71,7 +120,7 @@ def application_approve(
             release=release,
             application=application,
             license_version=license_version,
-            granted_by=reviewer,
+            granted_by=_acting_user(reviewer),
         )
         for slug, release in sorted(chosen.items())
         if slug not in already
@@ -79,10 +128,12 @@ def application_approve(
     previous = application.status
     application.status = Status.APPROVED
     application.decided_at = timezone.now()
-    application.save(update_fields=["status", "decided_at", "updated_at"])
-    record_event(
+    application.save(
+        update_fields=["status", "decided_at", "updated_at", *claims.end_claim(application)]
+    )
+    _record(
         application=application,
-        actor=reviewer,
+        decider=reviewer,
         action=Action.APPROVED,
         from_status=previous,
         message=note.strip(),
@@ -124,7 +175,9 @@ def application_reject(
     previous = application.status
     application.status = Status.REJECTED
     application.decided_at = timezone.now()
-    application.save(update_fields=["status", "decided_at", "updated_at"])
+    application.save(
+        update_fields=["status", "decided_at", "updated_at", *claims.end_claim(application)]
+    )
     record_event(
         application=application,
         actor=reviewer,
@@ -138,20 +191,20 @@ def application_reject(
 
 @transaction.atomic
 def application_request_info(
-    *, application: Application, reviewer: AbstractBaseUser, question: str
+    *, application: Application, reviewer: Decider, question: str
 ) -> Application:
     application = lock(application.pk)
-    _check_reviewer(application, reviewer)
+    _check_reviewer(application, reviewer, policy_may=True)
     if application.status != Status.SUBMITTED:
         raise refuse_transition(application, "ask about")
     question = (question or "").strip()
     if not question:
         raise errors.InvalidInput(errors.QUESTION_REQUIRED, code="question_required")
     application.status = Status.INFO_REQUESTED
-    application.save(update_fields=["status", "updated_at"])
-    record_event(
+    application.save(update_fields=["status", "updated_at", *claims.end_claim(application)])
+    _record(
         application=application,
-        actor=reviewer,
+        decider=reviewer,
         action=Action.INFO_REQUESTED,
         from_status=Status.SUBMITTED,
         message=question,
@@ -196,9 +249,13 @@ def grant_revoke(
     *, grant: Grant, reviewer: AbstractBaseUser, reason: str, notify: bool = True
 ) -> Grant:
     grant = (
-        Grant.objects.select_for_update().select_related("release", "application").get(pk=grant.pk)
+        # of=self: Grant.application is nullable (direct grants), and PostgreSQL refuses
+        # FOR UPDATE on the nullable side of the outer join.
+        Grant.objects.select_for_update(of=("self",))
+        .select_related("release", "application")
+        .get(pk=grant.pk)
     )
-    if not is_reviewer(reviewer):
+    if isinstance(reviewer, PolicyDecider) or not is_reviewer(reviewer):
         raise errors.NotAllowed(errors.NOT_REVIEWER, code="not_reviewer")
     if grant.user_id == reviewer.pk:
         raise errors.NotAllowed(errors.OWN_APPLICATION, code="own_application")

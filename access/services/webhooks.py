@@ -162,6 +162,9 @@ def _application_data(event: ApplicationEvent) -> dict[str, Any]:
         "status": event.to_status,
         "previous_status": event.from_status,
         "actor_id": event.actor_id,
+        # Set when an approval policy decided: its name and the rule that fired.
+        "actor_label": event.actor_label,
+        "policy_rule_id": event.policy_rule_id,
         "applicant": _person(application.applicant),
         "requested_releases": sorted(application.requested_releases.values_list("slug", flat=True)),
         "releases": list(event.releases),

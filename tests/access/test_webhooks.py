@@ -82,6 +82,8 @@ def test_a_submission_and_an_approval_reach_the_receiver_signed_and_without_secr
         "status": "submitted",
         "previous_status": "draft",
         "actor_id": alice.pk,
+        "actor_label": "",
+        "policy_rule_id": None,
         "applicant": {"id": alice.pk, "email": alice.email},
         "requested_releases": ["llama-13b", "llama-7b"],
         "releases": ["llama-13b", "llama-7b"],

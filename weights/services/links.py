@@ -127,7 +127,8 @@ def link_issue_and_email(*, grant_id: int) -> bool:
 
 def link_email(grant: Grant, issued: IssuedLink) -> EmailMultiAlternatives:
     context = {
-        "full_name": grant.application.full_name or grant.user.email,
+        # A direct grant has no application to take the name from.
+        "full_name": (grant.application.full_name if grant.application else "") or grant.user.email,
         "release": grant.release.name,
         "url": settings.SITE_URL + issued.path,
         "expires_at": issued.link.expires_at,

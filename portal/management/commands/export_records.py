@@ -4,21 +4,27 @@ Cells that a spreadsheet could run as a formula are prefixed with an apostrophe:
 reasons and user agents come from outside. That is any text starting with a control or
 format character, or whose first visible character is = + - @ or a look-alike that
 spreadsheets fold to one (fullwidth ＝＋－＠, small ﹦﹢﹣, the minus sign −).
+
+Decisions carry the applicant's answers to the releases' extra questions in one JSON
+column, `{"release-slug": {"question_key": value}}`: releases add and version their own
+questions, so one column keeps the header stable.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from typing import IO
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Prefetch
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from access.models import ApplicationEvent
+from access.models import ApplicationEvent, RequestAnswer
 from weights.models import DownloadEvent
 
 DECISION_COLUMNS = [
@@ -35,6 +41,7 @@ DECISION_COLUMNS = [
     "actor_email",
     "reason",
     "releases",
+    "answers",
 ]
 DOWNLOAD_COLUMNS = [
     "event_id",
@@ -83,8 +90,15 @@ def _cell(value: object) -> object:
 
 
 def decision_rows(since: datetime | None) -> Iterator[list[object]]:
-    events = ApplicationEvent.objects.filter(action__in=ApplicationEvent.DECISIONS).select_related(
-        "application__applicant", "actor"
+    events = (
+        ApplicationEvent.objects.filter(action__in=ApplicationEvent.DECISIONS)
+        .select_related("application__applicant", "actor")
+        .prefetch_related(
+            Prefetch(
+                "application__request_answers",
+                queryset=RequestAnswer.objects.select_related("question__form__release"),
+            )
+        )
     )
     if since is not None:
         events = events.filter(created_at__gte=since)
@@ -104,7 +118,16 @@ def decision_rows(since: datetime | None) -> Iterator[list[object]]:
             e.actor.email,
             e.message,
             " ".join(e.releases or []),
+            _answers_json(a),
         ]
+
+
+def _answers_json(application) -> str:
+    answers: dict[str, dict[str, object]] = {}
+    for answer in application.request_answers.all():
+        question = answer.question
+        answers.setdefault(question.form.release.slug, {})[question.key] = answer.value
+    return json.dumps(answers, ensure_ascii=False, sort_keys=True) if answers else ""
 
 
 def download_rows(since: datetime | None) -> Iterator[list[object]]:

@@ -73,7 +73,9 @@ class Command(BaseCommand):
     @transaction.atomic
     def _rotate(self, grant_id: int, reason: str, *, email: bool) -> str:
         grant = (
-            Grant.objects.select_for_update()
+            # of=self: a direct grant has no application, and PostgreSQL cannot lock the
+            # nullable side of the outer join.
+            Grant.objects.select_for_update(of=("self",))
             .select_related("release", "user", "application")
             .get(pk=grant_id)
         )
