@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,23 @@ def _same_storage(portal, settings, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     yield
+    _server_done()
     reset_storage()
+
+
+def _server_done(quiet_s: float = 0.3, timeout_s: float = 5.0) -> None:
+    """Wait until the server has closed its last stream: a stream settles its charge and
+    writes its event just after the client has its last byte, and the test database must
+    not be flushed under it (PostgreSQL: TRUNCATE deadlocks against that UPDATE)."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = DownloadEvent.objects.count(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = DownloadEvent.objects.count()
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
 
 
 @pytest.fixture
