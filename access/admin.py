@@ -28,6 +28,7 @@ from access import (  # noqa: F401 (registers)
     admin_grants,
     admin_policies,
 )
+from access.admin_base import ReadOnlyAdmin  # noqa: F401 (weights.admin imports it from here)
 from access.errors import InvalidInput, ServiceError
 from access.models import (
     ApiToken,
@@ -50,19 +51,6 @@ from access.services.notifications import outbox_retry
 from access.services.request_forms import answer_sheets
 
 Status = Application.Status
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Records that are evidence: visible to reviewers, changed only by services."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class DecidePermissionMixin:

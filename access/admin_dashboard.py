@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
+from access.admin_base import ReadOnlyAdmin
 from access.models import ReviewDashboard
 from access.review_dashboard import (
     WINDOW_DAYS,
@@ -24,21 +25,12 @@ TEMPLATE = "admin/access/review_dashboard.html"
 
 
 @admin.register(ReviewDashboard)
-class ReviewDashboardAdmin(admin.ModelAdmin):
+class ReviewDashboardAdmin(ReadOnlyAdmin):
     def has_module_permission(self, request: HttpRequest) -> bool:
         return is_reviewer(request.user)
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return is_reviewer(request.user)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name

@@ -18,6 +18,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from access import admin_actions
+from access.admin_base import ReadOnlyAdmin
 from access.errors import ServiceError
 from access.models import Grant, GrantEvent
 from access.services import direct_grants
@@ -152,7 +153,7 @@ def revoke_selected_page(
 
 
 @admin.register(GrantEvent)
-class GrantEventAdmin(admin.ModelAdmin):
+class GrantEventAdmin(ReadOnlyAdmin):
     """Evidence, like the application timeline: read-only."""
 
     list_display = ("created_at", "grant", "action", "actor", "reason")
@@ -160,12 +161,3 @@ class GrantEventAdmin(admin.ModelAdmin):
     search_fields = ("grant__user__email", "grant__release__slug", "actor__email", "reason")
     list_select_related = ("grant__user", "grant__release", "actor")
     date_hierarchy = "created_at"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

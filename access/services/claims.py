@@ -105,18 +105,7 @@ def claim_take(
 ) -> ClaimState:
     """Claim (or renew one's own claim); `takeover` also takes a live claim from another."""
     _check_claimant(application, reviewer)
-    now = timezone.now()
-    rows = Application.objects.filter(pk=application.pk, status__in=reviews.DECIDABLE)
-    if not takeover:
-        rows = rows.filter(
-            Q(claimed_by__isnull=True)
-            | Q(claimed_at__lt=claim_cutoff(now))
-            | Q(claimed_by=reviewer)
-        )
-    if not rows.update(claimed_by=reviewer, claimed_at=now):
-        raise _refuse(application.pk, reviewer)
-    application.claimed_by, application.claimed_at = reviewer, now
-    return ClaimState(reviewer.pk, reviewer.email, now)
+    return _hand(application, by=reviewer, to=reviewer, takeover=takeover)
 
 
 def claim_release(*, application: Application, reviewer: AbstractBaseUser) -> None:
@@ -148,16 +137,22 @@ def claim_reassign(
     _check_claimant(application, reviewer)
     if to.pk == application.applicant_id or not reviews.is_reviewer(to):
         raise errors.InvalidInput(REASSIGN_TARGET, code="not_reviewer_target")
+    return _hand(application, by=reviewer, to=to, takeover=takeover)
+
+
+def _hand(
+    application: Application, *, by: AbstractBaseUser, to: AbstractBaseUser, takeover: bool
+) -> ClaimState:
+    """One conditional UPDATE: the claim passes to `to` if `by` may take it (nobody holds it,
+    the claim expired, `by` holds it, or `takeover`) and the application awaits a decision."""
     now = timezone.now()
     rows = Application.objects.filter(pk=application.pk, status__in=reviews.DECIDABLE)
     if not takeover:
         rows = rows.filter(
-            Q(claimed_by__isnull=True)
-            | Q(claimed_at__lt=claim_cutoff(now))
-            | Q(claimed_by=reviewer)
+            Q(claimed_by__isnull=True) | Q(claimed_at__lt=claim_cutoff(now)) | Q(claimed_by=by)
         )
     if not rows.update(claimed_by=to, claimed_at=now):
-        raise _refuse(application.pk, reviewer)
+        raise _refuse(application.pk, by)
     application.claimed_by, application.claimed_at = to, now
     return ClaimState(to.pk, to.email, now)
 
