@@ -4,11 +4,21 @@ Requests wait in a bounded queue, join a fixed set of batch slots between decode
 steps (prefill into their slot's cache rows) and leave when done or cancelled. The
 decode step always runs on all ``max_batch_size`` slots with fixed shapes, idle slots
 padded, so on CUDA it can be compiled and captured in a CUDA graph.
+
+Failures end only the requests they concern: a request whose admission, prefill or
+sampling raises gets that exception as its last event and its slot back; a decode step
+that raises ends the rows of that step. The step is one fixed-shape call for the whole
+batch (a CUDA graph on CUDA), so its rows are not retried one by one; instead one
+padded decode on the now idle batch probes the device. If that fails too, the model
+is unusable (a lost device, a poisoned CUDA context): the engine ends every waiting
+request with the error and stops, and the runtime loads a fresh one. Every request
+taken off the queue gets a final event, whatever happens.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -32,6 +42,8 @@ from .generation import (
 )
 from .model import Transformer
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 ERR_QUEUE_FULL = "the demo is busy: {n} requests are already waiting, try again shortly"
 ERR_STOPPED = "the engine is not running"
@@ -228,43 +240,101 @@ class Engine:
         for slot, occupant in enumerate(self.slots):
             if occupant is not None:
                 continue
-            with self._cond:
-                if not self.waiting:
-                    return
-                request = self.waiting.popleft()
-            state = request._state
-            state.timings.queued_s = time.perf_counter() - state.started
-            logits = prefill(self.model, state.prompt_ids, first_row=slot)
-            token = int(sample(logits, state.params, state.generator))
-            self.tokens[slot, 0] = token
-            request._push(state.accept(token))
-            if state.finish_reason is not None:
-                request._finish()
-            else:
-                self.slots[slot] = request
+            while self.slots[slot] is None:  # a request that fails here leaves the slot free
+                with self._cond:
+                    if not self.waiting:
+                        return
+                    request = self.waiting.popleft()
+                try:
+                    self._prefill_into(slot, request)
+                except BaseException as exc:
+                    self.slots[slot] = None
+                    self._fail_request(request, exc, "prefill")
+                    if not isinstance(exc, Exception):
+                        raise
+
+    def _prefill_into(self, slot: int, request: Request) -> None:
+        state = request._state
+        state.timings.queued_s = time.perf_counter() - state.started
+        logits = prefill(self.model, state.prompt_ids, first_row=slot)
+        token = int(sample(logits, state.params, state.generator))
+        self.tokens[slot, 0] = token
+        request._push(state.accept(token))
+        if state.finish_reason is not None:
+            request._finish()
+            return
+        self.slots[slot] = request
 
     def _step(self) -> None:
         positions = [r._state.next_pos if r is not None else 0 for r in self.slots]
-        self.pos.copy_(torch.tensor(positions).view(-1, 1), non_blocking=True)
-        logits = self.decode(self.model, self.tokens, self.pos)  # [B, V]
-        chosen = torch.argmax(logits, dim=-1)
+        try:
+            self.pos.copy_(torch.tensor(positions).view(-1, 1), non_blocking=True)
+            logits = self.decode(self.model, self.tokens, self.pos)  # [B, V]
+            chosen = torch.argmax(logits, dim=-1)
+        except Exception as exc:
+            self._fail_step(exc)
+            return
         for slot, request in enumerate(self.slots):
             if request is not None and request._state.params.temperature > 0:
                 state = request._state
-                chosen[slot] = sample(logits[slot], state.params, state.generator)
+                try:
+                    chosen[slot] = sample(logits[slot], state.params, state.generator)
+                except Exception as exc:
+                    self.slots[slot] = None
+                    self._fail_request(request, exc, "sampling")
         self.tokens.copy_(chosen.view(-1, 1))
         for slot, token in enumerate(chosen.tolist()):
             request = self.slots[slot]
             if request is None:
                 continue
-            request._push(request._state.accept(token))
-            if request._state.finish_reason is not None:
-                request._finish()
+            try:
+                request._push(request._state.accept(token))
+                if request._state.finish_reason is not None:
+                    self.slots[slot] = None
+                    request._finish()
+            except Exception as exc:
                 self.slots[slot] = None
+                self._fail_request(request, exc, "detokenizing")
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A decode step raised: its rows end; the engine goes on if the device still works."""
+        rows = [request for request in self.slots if request is not None]
+        self.slots = [None] * self.max_batch_size
+        probe_exc = self._probe()
+        if probe_exc is not None:  # refuse new work before anyone hears of the failure
+            log.error("llama engine: decode fails on an idle batch too, stopping: %r", probe_exc)
+            with self._cond:
+                self._error = probe_exc
+        for request in rows:
+            self._fail_request(request, exc, "decode")
+        if probe_exc is not None:
+            raise probe_exc from exc
+
+    def _probe(self) -> Exception | None:
+        """One decode step on the idle, padded batch: None when the device still works."""
+        if self.device.type == "cuda":  # an out-of-memory step leaves cached blocks behind
+            torch.cuda.empty_cache()
+        try:
+            self.tokens.zero_()
+            self.pos.zero_()
+            self.decode(self.model, self.tokens, self.pos)
+        except Exception as probe_exc:
+            return probe_exc
+        return None
+
+    def _fail_request(self, request: Request, exc: BaseException, stage: str) -> None:
+        log.error("llama engine: request %s failed in %s: %r", request.id, stage, exc, exc_info=exc)
+        note = f"llama engine: {stage} failed"
+        if note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+        request._events.put(_Event(error=exc))
 
     def _end(self, request: Request, reason: str) -> None:
-        request._push(request._state.finish(reason))
-        request._finish()
+        try:
+            request._push(request._state.finish(reason))
+            request._finish()
+        except Exception as exc:
+            self._fail_request(request, exc, "finishing")
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
