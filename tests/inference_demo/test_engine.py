@@ -71,7 +71,10 @@ def test_cancel_stops_within_one_step(engine_model, demo_tokenizer) -> None:
         at_cancel = decode.steps
         completion = request.result()
         assert completion.finish_reason == "cancelled"
-        assert decode.steps - at_cancel <= 1
+        # One token from prefill, one per decode step it took part in: at most one step after
+        # the cancel. (Counting the request's own tokens, not the engine's steps, which go on
+        # for the neighbour while this thread waits to run.)
+        assert len(completion.token_ids) <= 1 + at_cancel + 1
         assert len(completion.token_ids) < 200
         assert other.result().finish_reason == "length"  # the neighbour is unaffected
 
