@@ -48,6 +48,15 @@ def review_calls(application: Application):
         ("post", base + "request-info/", {"question": "Which lab?"}),
         ("post", base + "reject/", {"reason": "No."}),
         ("post", base + "revoke/", {"reason": "No."}),
+        ("post", base + "claim/", {}),
+        ("post", base + "release-claim/", None),
+        ("get", "/api/review/grants/", None),
+        (
+            "post",
+            "/api/review/grants/",
+            {"user": application.applicant.email, "release": "llama-7b", "reason": "Collaborator."},
+        ),
+        ("post", "/api/review/grants/1/revoke/", {"reason": "No."}),
     ]
 
 
