@@ -16,6 +16,7 @@ RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError and GatedRepo
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -46,11 +47,12 @@ FOLDER_NOT_FOUND = "{path} is not a folder of {repo}."
 LFS_POINTER_SIZE = 134  # what the Hub reports for a Git LFS pointer file
 
 
+@dataclass(frozen=True)
 class _Caller:
     """The API token's user, or anonymous; a bad token is a refusal, never anonymous."""
 
-    def __init__(self, user: AbstractBaseUser | AnonymousUser, token: ApiToken | None) -> None:
-        self.user, self.token = user, token
+    user: AbstractBaseUser | AnonymousUser
+    token: ApiToken | None
 
 
 def _caller(request: HttpRequest) -> _Caller:

@@ -6,7 +6,10 @@ request; tests compare it with what the live manifest.json answers, field for fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.http import HttpRequest
+from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 
 from weights.models import Artifact, DownloadLink, LinkUsage
@@ -19,19 +22,44 @@ def link_files(link: DownloadLink) -> list[Artifact]:
     return list(link.grant.release.artifacts.filter(variant=LINK_VARIANT).order_by("path"))
 
 
-def manifest_body(request: HttpRequest, link: DownloadLink, token: str) -> dict:
+@dataclass(frozen=True)
+class FileRow:
+    """A file of the link, its URL on the link and the budget left for it."""
+
+    artifact: Artifact
+    url: str
+    remaining_bytes: int
+
+    @property
+    def size_human(self) -> str:
+        return filesizeformat(self.artifact.size)
+
+
+def file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[FileRow]:
+    """What the landing page and manifest.json list: one query for the charges."""
     charged = dict(LinkUsage.objects.filter(link=link).values_list("artifact_id", "bytes_charged"))
+    return [
+        FileRow(
+            artifact=artifact,
+            url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
+            remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
+        )
+        for artifact in link_files(link)
+    ]
+
+
+def manifest_body(request: HttpRequest, link: DownloadLink, token: str) -> dict:
     release = link.grant.release
     files = [
         {
-            "path": artifact.path,
-            "size": artifact.size,
-            "sha256": artifact.sha256,
-            "md5": artifact.md5,
-            "url": request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
-            "remaining_bytes": max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
+            "path": row.artifact.path,
+            "size": row.artifact.size,
+            "sha256": row.artifact.sha256,
+            "md5": row.artifact.md5,
+            "url": row.url,
+            "remaining_bytes": row.remaining_bytes,
         }
-        for artifact in link_files(link)
+        for row in file_rows(request, link, token)
     ]
     return {
         "release": release.slug,

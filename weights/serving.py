@@ -29,7 +29,6 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.shortcuts import render
-from django.template.defaultfilters import filesizeformat
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.http import content_disposition_header
@@ -38,8 +37,8 @@ from portal.csp_middleware import FILE_POLICY
 from portal.http import client_ip, user_agent
 from portal.text import one_line
 from weights.checksums import CHECKLIST_NAMES
-from weights.manifests import link_files, manifest_body
-from weights.models import Artifact, DownloadEvent, DownloadLink, LinkUsage
+from weights.manifests import file_rows, link_files, manifest_body
+from weights.models import Artifact, DownloadEvent, DownloadLink
 from weights.paths import artifact_path_ok
 from weights.ranges import ByteRange, Unsatisfiable, etag_matches, if_range_allows, parse_range
 from weights.refusals import (
@@ -54,7 +53,6 @@ from weights.refusals import (
 from weights.services.budget import (
     FlowingCharge,
     authorise,
-    budget_limit,
     budget_spent_error,
     refund,
 )
@@ -77,29 +75,6 @@ FILE_CACHE = "private"  # a browser may keep the bytes; shared caches may not
 # --- landing page, manifest, download.sh: no budget, no download events -------------------
 
 
-@dataclass(frozen=True)
-class FileRow:
-    artifact: Artifact
-    url: str
-    remaining_bytes: int
-
-    @property
-    def size_human(self) -> str:
-        return filesizeformat(self.artifact.size)
-
-
-def _file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[FileRow]:
-    charged = dict(LinkUsage.objects.filter(link=link).values_list("artifact_id", "bytes_charged"))
-    return [
-        FileRow(
-            artifact=artifact,
-            url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
-            remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
-        )
-        for artifact in link_files(link)
-    ]
-
-
 def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = None):
     try:
         return link_resolve(token), None
@@ -113,7 +88,7 @@ def landing(request: HttpRequest, token: str) -> HttpResponse:
     if refused:
         return refused
     landing_url = request.build_absolute_uri(reverse("weights:landing", args=[token]))
-    rows = _file_rows(request, link, token)
+    rows = file_rows(request, link, token)
     context = {
         "link": link,
         "release": link.grant.release,
@@ -155,7 +130,7 @@ def llama_stack_manifest(request: HttpRequest, token: str) -> HttpResponse:
         "models": [
             {
                 "model_id": release.slug,
-                "files": {row.artifact.path: row.url for row in _file_rows(request, link, token)},
+                "files": {row.artifact.path: row.url for row in file_rows(request, link, token)},
             }
         ],
         "expires_on": expires_on.isoformat(),
