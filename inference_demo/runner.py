@@ -1,8 +1,9 @@
 """The generation loop of the hosted demo, the one code path above the transport.
 
 ``run(request_id)`` takes a queued DemoRequest, submits it to this process's engine
-(``runtime.get_engine``), yields the events the browser sees and records the outcome
-through the services. The in-process transport iterates it in the web process; the
+(``runtime.get_engine``: the built-in engine, or the client of the OpenAI-compatible
+server configured for the release), yields the events the browser sees and records the
+outcome through the services. The in-process transport iterates it in the web process; the
 Celery task ``tasks.run_demo_request`` iterates it in the demo worker and publishes
 every event to Redis.
 
@@ -78,6 +79,14 @@ def classify(exc: BaseException) -> tuple[str, str]:
     """Map an exception from loading, submitting or generating to (code, message)."""
     if isinstance(exc, runtime.ModelUnavailable):
         return "unavailable", MSG_UNAVAILABLE
+    from inference_demo import openai_backend as remote  # before torch: it needs none
+
+    if isinstance(exc, remote.BackendBusy):
+        return "busy", MSG_BUSY
+    if isinstance(exc, remote.BackendRefused) and exc.context_exceeded:
+        return "prompt_too_long", MSG_PROMPT_TOO_LONG.format(detail=exc)
+    if isinstance(exc, remote.BackendRefused | remote.BackendFailed):
+        return "model_error", MSG_MODEL_ERROR
     from inference_demo.llama.engine import QueueFull
     from inference_demo.llama.generation import PromptTooLong
 
@@ -149,32 +158,44 @@ class _Pump(threading.Thread):
         return None
 
 
-def _sampling_params(row: DemoRequest) -> Any:
+def _demo_params(row: DemoRequest) -> services.DemoParams:
+    known = services.DemoParams.__dataclass_fields__
+    values = {k: v for k, v in row.params.items() if k in known}
+    values["stop"] = tuple(values.get("stop", ()))
+    return services.DemoParams(**values)
+
+
+def _sampling_params(params: services.DemoParams) -> Any:
     from inference_demo.llama.generation import SamplingParams
 
-    known = services.DemoParams.__dataclass_fields__
-    params = services.DemoParams(**{k: v for k, v in row.params.items() if k in known})
     return SamplingParams(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
         seed=params.seed,
+        stop=params.stop,
     )
 
 
 def _submit(slug: str, row: DemoRequest) -> tuple[Any, Any]:
     """Submit to this process's engine; an engine that died meanwhile is replaced once."""
+    from inference_demo.openai_backend import OpenAIBackend
+
+    params = _demo_params(row)
+    engine = runtime.get_engine(slug)
+    if isinstance(engine, OpenAIBackend):  # the server samples; it takes the demo's params
+        return engine, engine.submit(row.prompt, params)
     from inference_demo.llama.engine import EngineStopped
 
-    params = _sampling_params(row)
+    sampling = _sampling_params(params)
     for attempt in range(2):
-        engine = runtime.get_engine(slug)
         try:
-            return engine, engine.submit(row.prompt, params)
+            return engine, engine.submit(row.prompt, sampling)
         except EngineStopped:
             runtime.discard_engine(slug, engine)
             if attempt:
                 raise
+            engine = runtime.get_engine(slug)
     raise AssertionError("unreachable")
 
 

@@ -10,6 +10,10 @@ Engine sizing comes from ``settings.DEMO_ENGINE`` (optional), a dict with
 ``max_batch_size`` (concurrent sequences in one decode step), ``max_queue``
 (requests that may wait for a slot before ``submit`` answers "busy") and
 ``max_seq_len`` (prompt plus generated tokens).
+
+A slug in ``settings.DEMO_OPENAI_BACKENDS`` is answered by an OpenAI-compatible server
+instead (``openai_backend``): ``get_engine`` then returns its client, which the runner
+drives exactly like an engine, and nothing here loads torch for it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from django.conf import settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from inference_demo.llama.engine import Engine
+    from inference_demo.openai_backend import OpenAIBackend
 
 log = logging.getLogger(__name__)
 
 ENGINE_DEFAULTS: dict[str, int] = {"max_batch_size": 16, "max_queue": 64, "max_seq_len": 1024}
 
-_engines: dict[str, Engine] = {}
+_engines: dict[str, Engine | OpenAIBackend] = {}
 _lock = threading.Lock()
 
 
@@ -36,17 +41,30 @@ class ModelUnavailable(Exception):
     """This process has no weights for the requested demo."""
 
 
+def demo_slugs() -> list[str]:
+    """Every release with a demo: the built-in engine's, then the OpenAI-compatible servers'."""
+    backends = settings.DEMO_OPENAI_BACKENDS
+    return [*(slug for slug in settings.DEMO_MODELS if slug not in backends), *backends]
+
+
 def model_dir(slug: str) -> Path | None:
-    """The release directory of a demo model, or None when this process does not hold it."""
+    """The release directory of a built-in demo model, or None when this process lacks it."""
     path = settings.DEMO_MODELS.get(slug)
-    if path is None:
+    if path is None or slug in settings.DEMO_OPENAI_BACKENDS:
         return None
     path = Path(path)
     return path if (path / "params.json").is_file() else None
 
 
+def is_available(slug: str) -> bool:
+    """Whether this process can serve the demo now: it holds the weights, or the server answers."""
+    if slug in settings.DEMO_OPENAI_BACKENDS:
+        return _backend(slug).reachable()
+    return model_dir(slug) is not None
+
+
 def available_slugs() -> list[str]:
-    return [slug for slug in settings.DEMO_MODELS if model_dir(slug) is not None]
+    return [slug for slug in demo_slugs() if is_available(slug)]
 
 
 def engine_options() -> dict[str, int]:
@@ -63,8 +81,9 @@ def resolve_device(setting: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def get_engine(slug: str) -> Engine:
-    """The started engine for ``slug``, loading it once per process (thread-safe)."""
+def get_engine(slug: str) -> Engine | OpenAIBackend:
+    """The started engine for ``slug``, loading it once per process (thread-safe); for a
+    slug in ``DEMO_OPENAI_BACKENDS`` the client of its server instead."""
     engine = _engines.get(slug)
     if engine is not None:
         return engine
@@ -72,6 +91,8 @@ def get_engine(slug: str) -> Engine:
         engine = _engines.get(slug)
         if engine is not None:
             return engine
+        if slug in settings.DEMO_OPENAI_BACKENDS:
+            return _backend_locked(slug)
         directory = model_dir(slug)
         if directory is None:
             raise ModelUnavailable(f"this process holds no weights for the demo {slug!r}")
@@ -85,10 +106,26 @@ def get_engine(slug: str) -> Engine:
         return engine
 
 
+def _backend(slug: str) -> OpenAIBackend:
+    """The client of the OpenAI-compatible server that answers ``slug`` (no network here)."""
+    with _lock:
+        return _backend_locked(slug)
+
+
+def _backend_locked(slug: str) -> OpenAIBackend:
+    from inference_demo.openai_backend import OpenAIBackend
+
+    backend = _engines.get(slug)
+    if backend is None:
+        config = settings.DEMO_OPENAI_BACKENDS[slug]
+        log.info("demo %s is served by %s (model %s)", slug, config.base_url, config.model)
+        backend = _engines[slug] = OpenAIBackend(config)
+    return backend
+
+
 def engine_is_healthy(engine: Any) -> bool:
     """False once the engine's thread has died (it then refuses every submit)."""
-    thread = getattr(engine, "_thread", None)
-    return getattr(engine, "_error", None) is None and thread is not None and thread.is_alive()
+    return bool(engine.is_running)
 
 
 def discard_engine(slug: str, engine: Engine) -> None:

@@ -14,6 +14,7 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from access.policies import AccessDecision, can_use_release
+from inference_demo import runtime
 from inference_demo.models import DemoRequest
 from weights.models import Release
 
@@ -42,6 +43,9 @@ class DemoRefused(Exception):
         self.retry_after = retry_after  # seconds, for a 429
 
 
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 64
+
 # A running request usually ends within seconds; a client should look again soon.
 CONCURRENCY_RETRY_SECONDS = 5
 
@@ -52,6 +56,7 @@ class DemoParams:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    stop: tuple[str, ...] = ()  # generation ends before any of these (the OpenAI door)
 
     def validate(self) -> DemoParams:
         caps = settings.DEMO_LIMITS
@@ -62,22 +67,31 @@ class DemoParams:
             problems.append(f"temperature must be between 0 and {caps['max_temperature']}")
         if not 0 < self.top_p <= 1:
             problems.append("top_p must be greater than 0 and at most 1")
+        if len(self.stop) > MAX_STOPS or not all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            problems.append(
+                f"stop takes at most {MAX_STOPS} sequences of 1 to {MAX_STOP_CHARS} characters"
+            )
         if problems:
             raise DemoRefused("; ".join(problems) + ".", code="invalid_params")
         return self
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not self.stop:  # the page sends none; its records stay as they were
+            del values["stop"]
+        else:
+            values["stop"] = list(self.stop)
+        return values
 
 
 def demo_releases() -> list[Release]:
-    """Releases whose weights the demo worker holds, in catalogue order."""
-    return list(Release.objects.filter(slug__in=settings.DEMO_MODELS))
+    """Releases with a demo (built-in engine or OpenAI-compatible server), in catalogue order."""
+    return list(Release.objects.filter(slug__in=runtime.demo_slugs()))
 
 
 def demo_access(user: AbstractBaseUser, release: Release) -> AccessDecision:
     """The same check as downloads, plus: this release must have a demo."""
-    if release.slug not in settings.DEMO_MODELS:
+    if release.slug not in runtime.demo_slugs():
         return AccessDecision(False, "no_demo", NO_DEMO.format(release=release))
     return can_use_release(user, release)
 

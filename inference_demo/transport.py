@@ -117,7 +117,7 @@ def demo_available(slug: str) -> bool:
         except Exception:  # Redis down: the demo is unavailable, the page still renders
             log.warning("demo availability check failed", exc_info=True)
             return False
-    return runtime.model_dir(slug) is not None
+    return runtime.is_available(slug)
 
 
 # --- In-process -------------------------------------------------------------------

@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from access.policies import SIGN_IN
-from inference_demo import sse, transport
+from inference_demo import runtime, sse, transport
 from inference_demo.serializers import DemoGenerateSerializer, default_params
 from inference_demo.services import (
     NOT_YOURS,
@@ -41,7 +41,7 @@ REFUSAL_TITLES = {
 
 
 def demo_release(slug: str) -> Release:
-    if slug not in settings.DEMO_MODELS:
+    if slug not in runtime.demo_slugs():
         raise Http404("No demo for this release.")
     return get_object_or_404(Release, slug=slug)
 

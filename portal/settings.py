@@ -15,6 +15,7 @@ import dj_database_url
 from csp.constants import NONCE, NONE, SELF, UNSAFE_INLINE
 from django.core.exceptions import ImproperlyConfigured
 
+from inference_demo.backend_config import parse_openai_backends
 from portal.env import envbool, envchoice, envint, envlist, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -399,6 +400,8 @@ LOGGING = {
         "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.db.backends": {"level": "WARNING"},
+        # The OpenAI client's transport logs every request at INFO (demo backends, probes).
+        "httpx": {"level": "WARNING"},
     },
 }
 
@@ -498,6 +501,10 @@ DEMO_MODELS = {
         )
     )
 }
+# Demo releases an OpenAI-compatible server (vLLM, TGI, llama.cpp, ...) answers instead of
+# the built-in engine: a JSON object, see inference_demo/backend_config.py and
+# docs/demo_backends.md. An entry overrides DEMO_MODELS for its slug.
+DEMO_OPENAI_BACKENDS = parse_openai_backends(envstr("DEMO_OPENAI_BACKENDS", ""))
 # In-process engine without Redis (embedded); a Celery worker on the demo queue with it.
 DEMO_TRANSPORT = envchoice(
     "DEMO_TRANSPORT", "redis" if REDIS_URL else "inprocess", ("inprocess", "redis")

@@ -14,6 +14,8 @@ urlpatterns = [
     path("", include("inference_demo.urls")),
     # The Hugging Face Hub protocol, before the portal's own API and its JSON 404.
     path("", include("weights.hub_urls")),
+    # The OpenAI API (inference_demo.openai_api): OpenAI's paths and errors, not the envelope.
+    path("api/v1/", include("inference_demo.openai_api_urls")),
     path("api/", include("access.api_urls")),
     path("api/schema/", api_docs.SchemaView.as_view(), name="api-schema"),
     path("api/docs/", api_docs.DocsView.as_view(), name="api-docs"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from inference_demo.models import DemoRequest
+from tests.inference_demo.conftest import demo_dir  # noqa: F401 (fixture)
+from tests.inference_demo.test_openai_backend import backend, server  # noqa: F401 (fixtures)
 from tests.inference_demo.test_views import (  # noqa: F401 (fixtures)
     DEMO,
     demo_release,
@@ -76,6 +78,36 @@ def test_grantee_watches_tokens_arrive(live_server, page, artifacts, grantee, pa
 
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     page.screenshot(path=str(artifacts / "demo-phone.png"), full_page=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_release_served_by_an_openai_server_streams_in_the_page(
+    live_server, page, grantee, password, backend, server
+):
+    """DEMO_OPENAI_BACKENDS points llama-demo at `python -m inference_demo.serve` over HTTP."""
+    served_before = server.log.read_text().count("finish_reason=")
+    sign_in_to_the_demo(page, live_server.url, grantee, password)
+    assert page.locator("#demo-unavailable").is_hidden()
+
+    page.get_by_label("Prompt").fill("Once upon a time")
+    page.get_by_label("Max new tokens").fill("120")
+    page.get_by_label("Temperature").fill("0.8")
+    page.evaluate(WATCH)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#demo-stats[data-done=true]", timeout=60_000)
+
+    grew = page.evaluate("window.__grew")
+    done_at = page.evaluate("window.__doneAt")
+    before_done = [(t, n) for t, n in grew if t < done_at]
+    assert len(before_done) >= 2 and before_done[0][1] < before_done[-1][1], grew
+    assert page.locator("#demo-output").inner_text().strip()
+    assert page.locator("#demo-status").inner_text() == "Done."
+
+    row = DemoRequest.objects.get()
+    assert (row.user, row.client, row.status) == (grantee, "web", "done")
+    assert row.tokens_out > 0
+    # The text came from the server: it logged exactly one more finished completion.
+    assert server.log.read_text().count("finish_reason=") == served_before + 1
 
 
 @pytest.mark.django_db(transaction=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,71 +17,19 @@ import pytest
 
 from inference_demo.openai_protocol import CHAT_TURN_STOP, chat_prompt
 from inference_demo.serve import ServerState, make_server
+from tests.inference_demo.serve_process import Server, serve_process
 
-ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-demo"
 MODEL = "demo-llama"
 PROMPT = "The for statement"
 MAX_TOKENS = 24
-START_TIMEOUT_S = 120
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[str], base_url: str, log: Path) -> None:
-        self.process, self.base_url, self.log = process, base_url, log
-
-    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=60)
-
-    def log_lines(self) -> list[str]:
-        return self.log.read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
 def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "inference_demo.serve",
-                str(demo_dir),
-                "--port",
-                "0",
-                "--model-name",
-                MODEL,
-                "--api-key",
-                API_KEY,
-                "--device",
-                "cpu",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    try:
-        line = _first_line(process)
-        match = re.search(r"at (http://\S+/v1)$", line)
-        assert match, f"unexpected start line {line!r}: {log.read_text()}"
-        yield Server(process, match.group(1), log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _first_line(process: subprocess.Popen[str]) -> str:
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(START_TIMEOUT_S)
-    assert lines and lines[0], "the server did not start"
-    return lines[0].strip()
+    with serve_process(demo_dir, log, model_name=MODEL, api_key=API_KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
