@@ -285,7 +285,12 @@ def test_an_unknown_model_is_not_found(portal, grantee):
             f"max_completion_tokens must be at most {CAP} on this portal's demo, got 10000",
         ),
         ("completion", {"stop": ["x" * 65]}, "stop", "stop sequences are at most 64 characters"),
-        ("completion", {"stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes at most 4 sequences"),
+        (
+            "completion",
+            {"stop": ["a", "b", "c", "d", "e"]},
+            "stop",
+            "stop takes at most 4 sequences",
+        ),
         ("chat", {"extra_body": {"top_k": 5}}, "top_k", NO_TOP_K),
         ("completion", {"temperature": 2.5}, "temperature", "temperature must be a number"),
         ("completion", {"n": 2}, "n", "n is not supported by this server"),
