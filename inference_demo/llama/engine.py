@@ -1,13 +1,20 @@
 """Continuous batching: one model, many concurrent requests, one background thread.
 
-Requests wait in a bounded queue, join a fixed set of batch slots between decode
-steps (prefill into their slot's cache rows) and leave when done or cancelled. The
-decode step always runs on all ``max_batch_size`` slots with fixed shapes, idle slots
-padded, so on CUDA it can be compiled and captured in a CUDA graph.
+Requests wait in a bounded queue, take a free batch slot, prefill their prompt into that
+slot's cache row and then decode with the others until done or cancelled. The decode
+step always runs on all ``max_batch_size`` slots with fixed shapes, idle and prefilling
+slots padded, so on CUDA it can be compiled and captured in a CUDA graph.
 
-Failures end only the requests they concern: a request whose admission, prefill or
-sampling raises gets that exception as its last event and its slot back; a decode step
-that raises ends the rows of that step. The step is one fixed-shape call for the whole
+Prompts are prefilled in chunks of ``prefill_chunk`` tokens, one chunk per engine
+iteration (the oldest prefilling request first) before each decode step, so a long prompt
+joining a busy engine delays the decoding rows' next token by one chunk, not by its whole
+prefill. Sampling is one batched computation over the rows that sample; only the noise
+is drawn row by row, from each request's own generator, so a seeded request gives the
+same text alone or in any batch.
+
+Failures end only the requests they concern: a request whose admission, prefill (any
+chunk) or sampling raises gets that exception as its last event and its slot back; a
+decode step that raises ends the decoding rows of that step. The step is one fixed-shape call for the whole
 batch (a CUDA graph on CUDA), so its rows are not retried one by one; instead one
 padded decode on the now idle batch probes the device. If that fails too, the model
 is unusable (a lost device, a poisoned CUDA context): the engine ends every waiting
@@ -28,17 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .checkpoint import load_model
 from .generation import (
     Completion,
     DecodeFn,
+    RowSampling,
     SamplingParams,
     SequenceState,
     compile_decode,
     decode_one_token,
     prefill,
     sample,
+    sample_rows,
 )
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -47,6 +57,15 @@ log = logging.getLogger(__name__)
 
 ERR_QUEUE_FULL = "the demo is busy: {n} requests are already waiting, try again shortly"
 ERR_STOPPED = "the engine is not running"
+
+# Prompt tokens per prefill chunk: what a joining prompt may delay the decoding rows by.
+# On a GPU a chunk costs about one decode step (one read of the weights) until its matmuls
+# turn compute-bound, at a few hundred tokens on current cards in bf16: 256 sits near that
+# point, so chunking costs the prefill little throughput and stalls decoding by only a few
+# steps' time. On the CPU compute dominates from a few tokens on, so the stall grows with
+# the chunk while the per-call overhead that small chunks add stays a few percent from
+# ~128 tokens up: 256 keeps both low. ``None`` prefills each prompt in one call.
+PREFILL_CHUNK = 256
 
 
 class QueueFull(Exception):
@@ -74,6 +93,7 @@ class Request(Iterator[str]):
         self._events: queue.Queue[_Event] = queue.Queue()
         self.cancelled = threading.Event()
         self.completion: Completion | None = None
+        self.prefilled = 0  # prompt tokens in the slot's cache row (engine thread only)
 
     @property
     def queue_position(self) -> int:
@@ -81,7 +101,8 @@ class Request(Iterator[str]):
         return self._engine._position(self)
 
     def cancel(self) -> None:
-        """A waiting request ends now; a running one within one decode step."""
+        """A waiting request ends now; a running one within one engine iteration (one
+        prefill chunk and one decode step)."""
         self._engine._cancel(self)
 
     def __next__(self) -> str:
@@ -119,17 +140,29 @@ class Engine:
         max_queue: int = 32,
         max_seq_len: int | None = None,
         decode: DecodeFn = decode_one_token,
+        prefill_chunk: int | None = PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1 (or None: whole prompts)")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_seq_len = max_seq_len or model.args.max_seq_len
+        self.prefill_chunk = prefill_chunk
         self.device = model.output.weight.device
         self.decode = decode
         model.setup_caches(max_batch_size, self.max_seq_len)
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
+        vocab = model.args.vocab_size
+        self.noise = torch.empty(max_batch_size, vocab, dtype=torch.float32, device=self.device)
+        # Occupied slots, prefilling or decoding; those still prefilling, oldest first.
         self.slots: list[Request | None] = [None] * max_batch_size
+        self.prefilling: deque[int] = deque()
         self.waiting: deque[Request] = deque()
+        # Work done so far, for tests and benchmarks (written by the engine thread only).
+        self.prefill_chunks = 0
+        self.prefill_tokens = 0
+        self.decode_steps = 0
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -212,7 +245,9 @@ class Engine:
                 while self._wait_for_work():
                     self._drop_cancelled()
                     self._admit()
-                    if self.active:
+                    if self.prefilling:
+                        self._prefill_chunk()
+                    if self._decoding():
                         self._step()
         except BaseException as exc:  # the worker must report, never die silently
             self._fail(exc)
@@ -220,7 +255,7 @@ class Engine:
         with self._cond:  # stopped: whatever is left ends as cancelled
             pending = [*self.waiting, *(r for r in self.slots if r is not None)]
             self.waiting.clear()
-            self.slots = [None] * self.max_batch_size
+            self._free_all()
         for request in pending:
             self._end(request, "cancelled")
 
@@ -231,64 +266,106 @@ class Engine:
             return not self._stopping
 
     def _drop_cancelled(self) -> None:
-        for i, request in enumerate(self.slots):
+        for slot, request in enumerate(self.slots):
             if request is not None and request.cancelled.is_set():
+                self._free(slot)
                 self._end(request, "cancelled")
-                self.slots[i] = None
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        if slot in self.prefilling:
+            self.prefilling.remove(slot)
+
+    def _free_all(self) -> None:
+        self.slots = [None] * self.max_batch_size
+        self.prefilling.clear()
+
+    def _decoding(self) -> list[int]:
+        return [
+            slot
+            for slot, request in enumerate(self.slots)
+            if request is not None and slot not in self.prefilling
+        ]
 
     def _admit(self) -> None:
+        """Free slots go to waiting requests, which start prefilling at the next chunk."""
         for slot, occupant in enumerate(self.slots):
             if occupant is not None:
                 continue
-            while self.slots[slot] is None:  # a request that fails here leaves the slot free
-                with self._cond:
-                    if not self.waiting:
-                        return
-                    request = self.waiting.popleft()
-                try:
-                    self._prefill_into(slot, request)
-                except BaseException as exc:
-                    self.slots[slot] = None
-                    self._fail_request(request, exc, "prefill")
-                    if not isinstance(exc, Exception):
-                        raise
+            with self._cond:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            state = request._state
+            state.timings.queued_s = time.perf_counter() - state.started
+            request.prefilled = 0
+            self.slots[slot] = request
+            self.prefilling.append(slot)
 
-    def _prefill_into(self, slot: int, request: Request) -> None:
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest prefilling prompt; after its last, its first token."""
+        slot = self.prefilling[0]
+        request = self.slots[slot]
+        assert request is not None
         state = request._state
-        state.timings.queued_s = time.perf_counter() - state.started
-        logits = prefill(self.model, state.prompt_ids, first_row=slot)
-        token = int(sample(logits, state.params, state.generator))
-        self.tokens[slot, 0] = token
-        request._push(state.accept(token))
-        if state.finish_reason is not None:
-            request._finish()
-            return
-        self.slots[slot] = request
+        start, n = request.prefilled, len(state.prompt_ids)
+        end = n if self.prefill_chunk is None else min(n, start + self.prefill_chunk)
+        try:
+            chunk = state.prompt_ids[start:end]
+            self.prefill_chunks += 1
+            self.prefill_tokens += len(chunk)
+            # A first chunk is called exactly as a whole-prompt prefill (hooks that wrap
+            # prefill with that signature, as the failure tests do, keep working).
+            if start:
+                logits = prefill(self.model, chunk, first_row=slot, start=start)
+            else:
+                logits = prefill(self.model, chunk, first_row=slot)
+            request.prefilled = end
+            if end < n:
+                return
+            self.prefilling.popleft()
+            token = int(sample(logits, state.params, state.generator))
+            self.tokens[slot, 0] = token
+            request._push(state.accept(token))
+            if state.finish_reason is not None:
+                self.slots[slot] = None
+                request._finish()
+        except BaseException as exc:
+            self._free(slot)
+            self._fail_request(request, exc, "prefill")
+            if not isinstance(exc, Exception):
+                raise
+
+    def _positions(self) -> Tensor:
+        """Each slot's decode position. A prefilling slot is padded at the first position its
+        next chunk writes: the pad's cache entry is overwritten before anything attends to
+        it. Idle slots use 0, which a request admitted there prefills first."""
+        positions = [0] * self.max_batch_size
+        for slot, request in enumerate(self.slots):
+            if request is not None:
+                prefilling = slot in self.prefilling
+                positions[slot] = request.prefilled if prefilling else request._state.next_pos
+        return torch.tensor(positions).view(-1, 1)
 
     def _step(self) -> None:
-        positions = [r._state.next_pos if r is not None else 0 for r in self.slots]
+        rows = self._decoding()
         try:
-            self.pos.copy_(torch.tensor(positions).view(-1, 1), non_blocking=True)
+            self.pos.copy_(self._positions(), non_blocking=True)
             logits = self.decode(self.model, self.tokens, self.pos)  # [B, V]
+            self.decode_steps += 1
             chosen = torch.argmax(logits, dim=-1)
         except Exception as exc:
-            self._fail_step(exc)
+            self._fail_step(exc, rows)
             return
-        for slot, request in enumerate(self.slots):
-            if request is not None and request._state.params.temperature > 0:
-                state = request._state
-                try:
-                    chosen[slot] = sample(logits[slot], state.params, state.generator)
-                except Exception as exc:
-                    self.slots[slot] = None
-                    self._fail_request(request, exc, "sampling")
+        self._sample_into(chosen, logits, rows)
         self.tokens.copy_(chosen.view(-1, 1))
-        for slot, token in enumerate(chosen.tolist()):
+        tokens = chosen.tolist()
+        for slot in rows:
             request = self.slots[slot]
-            if request is None:
+            if request is None:  # failed in sampling
                 continue
             try:
-                request._push(request._state.accept(token))
+                request._push(request._state.accept(tokens[slot]))
                 if request._state.finish_reason is not None:
                     self.slots[slot] = None
                     request._finish()
@@ -296,27 +373,79 @@ class Engine:
                 self.slots[slot] = None
                 self._fail_request(request, exc, "detokenizing")
 
-    def _fail_step(self, exc: Exception) -> None:
-        """A decode step raised: its rows end; the engine goes on if the device still works."""
-        rows = [request for request in self.slots if request is not None]
-        self.slots = [None] * self.max_batch_size
+    def _sample_into(self, chosen: Tensor, logits: Tensor, rows: list[int]) -> None:
+        """Overwrite the argmax of the rows with a temperature by their sampled tokens.
+
+        Noise comes row by row from each request's generator (a failing draw ends that
+        request), then one batched call samples every row. If that call fails, each row is
+        retried alone with the noise already drawn (so the retry is exact and generators
+        stay in step), and only the rows that fail alone end.
+        """
+        drawn: list[int] = []
+        for slot in rows:
+            request = self.slots[slot]
+            assert request is not None
+            if request._state.params.temperature <= 0:
+                continue
+            try:
+                self.noise[slot].exponential_(1.0, generator=request._state.generator)
+            except Exception as exc:
+                self.slots[slot] = None
+                self._fail_request(request, exc, "sampling")
+                continue
+            drawn.append(slot)
+        if not drawn:
+            return
+        try:
+            index = torch.tensor(drawn, device=self.device)
+            chosen[index] = self._sample_rows(logits[index], drawn, self.noise[index])
+            return
+        except Exception as exc:
+            log.warning("llama engine: batched sampling failed, retrying row by row: %r", exc)
+        for slot in drawn:
+            request = self.slots[slot]
+            assert request is not None
+            try:
+                one = slice(slot, slot + 1)
+                chosen[one] = self._sample_rows(logits[one], [slot], self.noise[one])
+            except Exception as exc:
+                self.slots[slot] = None
+                self._fail_request(request, exc, "sampling")
+
+    def _sample_rows(self, logits: Tensor, slots: list[int], noise: Tensor) -> Tensor:
+        params = []
+        for slot in slots:
+            request = self.slots[slot]
+            assert request is not None
+            params.append(request._state.params)
+        return sample_rows(logits, RowSampling.of(params, logits.shape[-1], self.device), noise)
+
+    def _fail_step(self, exc: Exception, rows: list[int]) -> None:
+        """A decode step raised: its rows end; the engine goes on if the device still works.
+
+        Prefilling rows were not in the step's output and go on (the probe pads them at a
+        position their next chunk overwrites)."""
+        failed = [self.slots[slot] for slot in rows]
+        for slot in rows:
+            self.slots[slot] = None
         probe_exc = self._probe()
         if probe_exc is not None:  # refuse new work before anyone hears of the failure
             log.error("llama engine: decode fails on an idle batch too, stopping: %r", probe_exc)
             with self._cond:
                 self._error = probe_exc
-        for request in rows:
+        for request in failed:
+            assert request is not None
             self._fail_request(request, exc, "decode")
         if probe_exc is not None:
             raise probe_exc from exc
 
     def _probe(self) -> Exception | None:
-        """One decode step on the idle, padded batch: None when the device still works."""
+        """One decode step on the padded batch: None when the device still works."""
         if self.device.type == "cuda":  # an out-of-memory step leaves cached blocks behind
             torch.cuda.empty_cache()
         try:
             self.tokens.zero_()
-            self.pos.zero_()
+            self.pos.copy_(self._positions())
             self.decode(self.model, self.tokens, self.pos)
         except Exception as probe_exc:
             return probe_exc
@@ -341,7 +470,7 @@ class Engine:
             self._error = exc
             pending = [*self.waiting, *(r for r in self.slots if r is not None)]
             self.waiting.clear()
-            self.slots = [None] * self.max_batch_size
+            self._free_all()
         for request in pending:
             request._events.put(_Event(error=exc))
 
@@ -357,6 +486,7 @@ def open_engine(
     max_seq_len: int = 1024,
     compile: bool | None = None,
     verify: bool = True,
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> Engine:
     """Load a Meta-layout release and start an engine on it.
 
@@ -385,5 +515,6 @@ def open_engine(
         max_queue=max_queue,
         max_seq_len=max_seq_len,
         decode=decode,
+        prefill_chunk=prefill_chunk,
     )
     return engine.start()

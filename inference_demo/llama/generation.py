@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -65,21 +65,76 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop", "length" or "cancelled"
     timings: Timings
+    # When each of token_ids was sampled: perf_counter seconds since submit (the clock of
+    # timings.ttft_s), for inter-token latencies.
+    token_times: list[float] = field(default_factory=list)
 
 
-# Sampling: pure functions over logits [..., V].
+# Sampling: pure functions over logits [R, V], one row per sequence, batched over rows.
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Each row's sampling parameters as columns [R, 1], for one batched call."""
+
+    temperature: Tensor  # float32, at least 1e-5
+    top_k: Tensor | None  # long, 0 where a row has no cut; None where no row has one
+    k_max: int  # the largest top_k (topk needs a Python int: no device sync for it)
+    top_p: Tensor | None  # float32, 1.0 where a row has no cut; None where no row has one
+
+    @classmethod
+    def of(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> RowSampling:
+        ks = [p.top_k if p.top_k is not None and p.top_k < vocab_size else 0 for p in params]
+        ps = [p.top_p if p.top_p is not None and p.top_p < 1.0 else 1.0 for p in params]
+
+        def column(values: list[float] | list[int], dtype: torch.dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+
+        return cls(
+            temperature=column([max(p.temperature, 1e-5) for p in params], torch.float32),
+            top_k=column(ks, torch.long) if any(ks) else None,
+            k_max=max(ks),
+            top_p=column(ps, torch.float32) if any(p < 1.0 for p in ps) else None,
+        )
+
+
+def row_probs(logits: Tensor, rows: RowSampling) -> Tensor:
+    """[R, V] logits to probabilities at each row's temperature, top-k and top-p."""
+    logits = logits.float() / rows.temperature
+    if rows.top_k is not None:
+        kth = torch.topk(logits, rows.k_max, dim=-1).values.gather(-1, (rows.top_k - 1).clamp(0))
+        kth = kth.masked_fill(rows.top_k == 0, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if rows.top_p is not None:  # rows without a cut keep their probabilities bit for bit
+        probs = torch.where(rows.top_p < 1.0, top_p_filter(probs, rows.top_p), probs)
+    return probs
+
+
+def sample_rows(logits: Tensor, rows: RowSampling, noise: Tensor) -> Tensor:
+    """Token ids [R] from logits [R, V] and Exponential(1) noise [R, V].
+
+    The noise is an argument so that each row can come from its own request's generator
+    (reproducible whatever else is in the batch) while the rest is one batched computation;
+    it also makes a retry of some rows exact.
+    """
+    # Exponential race instead of multinomial: same distribution, no device sync.
+    return torch.argmax(row_probs(logits, rows) / noise, dim=-1)
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    """Probabilities [..., V] at one temperature and top-k for every row."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    rows = RowSampling.of([params] * flat.shape[0], flat.shape[-1], logits.device)
+    return row_probs(flat, rows).view(logits.shape)
 
 
-def top_p_filter(probs: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of tokens whose mass reaches ``p`` (Meta's ``sample_top_p``)."""
+def top_p_filter(probs: Tensor, p: float | Tensor) -> Tensor:
+    """Keep the smallest set of tokens whose mass reaches ``p`` (Meta's ``sample_top_p``);
+    ``p`` is a number or a column [R, 1], one per row."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
@@ -87,27 +142,28 @@ def top_p_filter(probs: Tensor, p: float) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    # Exponential race instead of multinomial: same distribution, no device sync.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
-
-
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Next token ids [...] from logits [..., V]."""
+    """Next token ids [...] from logits [..., V], every row with the same ``params``."""
     if params.temperature <= 0:
         return torch.argmax(logits, dim=-1)
-    probs = logits_to_probs(logits, params.temperature, params.top_k)
-    if params.top_p is not None and params.top_p < 1.0:
-        probs = top_p_filter(probs, params.top_p)
-    return draw(probs, generator)
+    flat = logits.reshape(-1, logits.shape[-1])
+    noise = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    noise.exponential_(1.0, generator=generator)
+    rows = RowSampling.of([params] * flat.shape[0], flat.shape[-1], flat.device)
+    return sample_rows(flat, rows, noise).view(logits.shape[:-1])
 
 
-def prefill(model: Transformer, ids: Sequence[int], first_row: int = 0) -> Tensor:
-    """Run a whole prompt into cache row ``first_row``; logits of its last position [V]."""
+def prefill(
+    model: Transformer, ids: Sequence[int], first_row: int = 0, *, start: int = 0
+) -> Tensor:
+    """Run prompt tokens at positions [start, start + len(ids)) into cache row ``first_row``,
+    attending to what the row holds before ``start``; logits of the last position [V].
+
+    ``start=0`` with the whole prompt is a plain prefill; later chunks continue it.
+    """
     device = model.output.weight.device
     tokens = torch.tensor([list(ids)], device=device)
-    pos = torch.arange(len(ids), device=device).unsqueeze(0)
+    pos = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
     return model(tokens, pos, first_row, last_only=True)[0, -1]
 
 
@@ -178,6 +234,7 @@ class SequenceState:
         self.decoder = StreamDecoder(tokenizer, prompt_ids)
         self.stopper = StopMatcher(params.stop)
         self.generated: list[int] = []
+        self.token_times: list[float] = []
         self.text = ""
         self.finish_reason: str | None = None
         self.started = time.perf_counter() if started is None else started
@@ -196,6 +253,7 @@ class SequenceState:
         if token == self.tokenizer.eos_id and not self.params.ignore_eos:
             return self.finish("stop")
         self.generated.append(token)
+        self.token_times.append(now - self.started)
         delta, stopped = self.stopper.feed(self.decoder.push(token))
         self.text += delta
         if stopped:
@@ -217,7 +275,9 @@ class SequenceState:
 
     def completion(self) -> Completion:
         assert self.finish_reason is not None
-        return Completion(self.text, self.generated, self.finish_reason, self.timings)
+        return Completion(
+            self.text, self.generated, self.finish_reason, self.timings, self.token_times
+        )
 
 
 class TextStream(Iterator[str]):

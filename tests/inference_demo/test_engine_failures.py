@@ -181,17 +181,17 @@ def test_a_failing_tokenizer_refuses_at_submit(engine, expected, monkeypatch) ->
 
 def test_a_failing_sampling_step_ends_only_its_row(engine, expected, monkeypatch) -> None:
     target = REQUESTS[1][1]
-    sample = engine_module.sample
+    sample_rows = engine_module.sample_rows
     calls = {"target": 0}
 
-    def failing_sample(logits, params, generator):
-        if params is target:
+    def failing_sample_rows(logits, rows, noise):
+        if bool((rows.temperature == target.temperature).any()):
             calls["target"] += 1
-            if calls["target"] == 4:  # the first call is at admission, then one a step
+            if calls["target"] >= 3:  # from its 3rd decode step: batched, then alone
                 raise Boom("sampling exploded in a decode step")
-        return sample(logits, params, generator)
+        return sample_rows(logits, rows, noise)
 
-    monkeypatch.setattr(engine_module, "sample", failing_sample)
+    monkeypatch.setattr(engine_module, "sample_rows", failing_sample_rows)
     requests = submit_all(engine, monkeypatch)
 
     assert_failed(requests[1], "sampling")
