@@ -371,6 +371,7 @@ class GrantAdmin(DecidePermissionMixin, ReadOnlyAdmin):
     search_fields = ("user__email", "application__full_name", "release__slug")
     list_select_related = ("user", "release", "application", "license_version", "granted_by")
     actions = ("revoke_selected_grants",)
+    readonly_fields = ("fingerprint",)
     change_list_template = "admin/access/grant/change_list.html"
     change_form_template = "admin/access/grant/change_form.html"
 
@@ -391,6 +392,12 @@ class GrantAdmin(DecidePermissionMixin, ReadOnlyAdmin):
 
     def grant_directly_view(self, request: HttpRequest) -> HttpResponse:
         return admin_grants.grant_directly_view(self, request)
+
+    @admin.display(description="fingerprint")
+    def fingerprint(self, obj: Grant) -> str:
+        from weights.services.fingerprinting import copies_state
+
+        return copies_state(obj)
 
     def revoke_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         return admin_grants.grant_revoke_view(self, request, object_id)

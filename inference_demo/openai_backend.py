@@ -72,7 +72,7 @@ class BackendTimings:
     def tokens_per_s(self) -> float:
         """Decode rate after the first token, as the built-in engine reports it."""
         decode_s = self.total_s - self.ttft_s
-        return (self.generated_tokens - 1) / decode_s if decode_s > 0 else 0.0
+        return max(self.generated_tokens - 1, 0) / decode_s if decode_s > 0 else 0.0
 
 
 @dataclass
@@ -146,6 +146,19 @@ class OpenAIBackend:
     def submit(self, prompt: str, params: Any) -> BackendRequest:
         """Start one streamed completion; raises at once when the server cannot take it."""
         started = time.perf_counter()
+        for attempt in range(2):
+            try:
+                return self._submit(prompt, params, started)
+            except openai.APIConnectionError as exc:
+                # A kept-alive connection the server dropped (llama.cpp after a refused
+                # request) is worth one retry; a server that is down refuses the connect.
+                dropped = isinstance(exc.__cause__, httpx.ReadError | httpx.RemoteProtocolError)
+                if attempt or not dropped:
+                    self._probed_at, self._reachable = time.monotonic(), False
+                    raise ModelUnavailable(f"{self.config.base_url}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _submit(self, prompt: str, params: Any, started: float) -> BackendRequest:
         try:
             stream = self.client.completions.create(
                 model=self.config.model,
@@ -160,9 +173,6 @@ class OpenAIBackend:
             )
         except openai.APIStatusError as exc:
             raise _status_error(exc, self.config) from None
-        except openai.APIConnectionError as exc:  # refused, unreachable, timed out
-            self._probed_at, self._reachable = time.monotonic(), False
-            raise ModelUnavailable(f"{self.config.base_url}: {exc}") from None
         return BackendRequest(next(self._ids), self.config, stream, started)
 
 
@@ -179,7 +189,7 @@ class BackendRequest(Iterator[str]):
         self._started = started
         self._text: list[str] = []
         self._usage: Any = None
-        self._finish = "stop"
+        self._finish: str | None = None
         self._first_at: float | None = None
         self._deltas = 0
         self.cancelled = threading.Event()
@@ -201,7 +211,13 @@ class BackendRequest(Iterator[str]):
             try:
                 chunk = next(self._chunks)
             except StopIteration:
-                self._end(self._finish)
+                if self._finish is None and not self.cancelled.is_set():
+                    # The server gave up without saying why (llama-cpp-python does this,
+                    # streamed, for a prompt over its context).
+                    raise BackendFailed(
+                        f"{self.config.base_url}: the stream ended without a finish_reason"
+                    ) from None
+                self._end(self._finish or "cancelled")
                 break
             except (openai.APIError, httpx.HTTPError, OSError) as exc:
                 if self.cancelled.is_set():

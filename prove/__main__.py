@@ -1,6 +1,6 @@
 """`make prove`: bounded load, launch-day, fault and hostile-input runs against a private stack.
 
-    .venv/bin/python -m prove [--only load,launch,faults,hostile] [--load-seconds 60]
+    .venv/bin/python -m prove [--only load,launch,faults,hostile,llamacpp] [--load-seconds 60]
         [--launch-grantees 500] [--no-write]
 
 Starts its own PostgreSQL, Redis and moto (S3) on free loopback ports, the portal under
@@ -13,7 +13,10 @@ machine's shared PostgreSQL or Redis. Scenarios (--only picks them, comma-separa
   redirect mode, then the accounting checked (--launch-grantees N for a smaller smoke run);
   prove/launch.py;
 - faults: a worker killed, Redis, PostgreSQL and S3 going away; prove/faults.py;
-- hostile: schemathesis and hand-written hostile requests; prove/hostile.py.
+- hostile: schemathesis and hand-written hostile requests; prove/hostile.py;
+- llamacpp: the demo's OpenAI backend against llama.cpp's server (llama-cpp-python, built
+  once into var/llamacpp-venv, ~10 min) on a GGUF conversion of the demo model; needs no
+  PostgreSQL or Redis, so `--only llamacpp` skips the setup; prove/llama_cpp.py.
 
 Each scenario prints one JSON line; the summary is the last line. Unless --no-write, load
 and launch figures go to the `<!-- prove:run -->` block of docs/benchmarks.md (a section
@@ -33,7 +36,7 @@ import time
 import traceback
 from datetime import UTC, datetime
 
-from prove import faults, hostile, launch, load_modes, report
+from prove import faults, hostile, launch, llama_cpp, load_modes, report
 from prove.stack import REPO, Stack, StackError
 
 SLUG, SHARDS, SHARD_MB = load_modes.SLUG, load_modes.SHARDS, load_modes.SHARD_MB
@@ -106,7 +109,7 @@ def setup(run: Run) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prove")
-    parser.add_argument("--only", default="load,launch,faults,hostile")
+    parser.add_argument("--only", default="load,launch,faults,hostile,llamacpp")
     parser.add_argument("--load-seconds", type=int, default=60)
     parser.add_argument("--launch-grantees", type=int, default=launch.GRANTEES)
     parser.add_argument("--no-write", action="store_true")
@@ -116,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     emit({"prove": "start", "date": when, "machine": machine(), "repo": str(REPO)})
     try:
-        ready = run.scenario("setup", setup, needs_s=60)
-        ok = ready.get("status") == "ok"
+        ok, ready = False, {"status": "not run"}
+        if only & {"load", "launch", "faults", "hostile"}:  # llamacpp needs no setup
+            ready = run.scenario("setup", setup, needs_s=60)
+            ok = ready.get("status") == "ok"
         skip = {"status": f"not run: setup failed ({ready.get('status')})"}
         if "load" in only:
             need = load_modes.needs_s(args.load_seconds)
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             run.scenario(
                 "hostile_requests", hostile.requests_run if ok else (lambda r: skip), needs_s=20
             )
+        if "llamacpp" in only:
+            run.scenario("llamacpp", llama_cpp.llamacpp_scenario, needs_s=llama_cpp.needs_s())
     finally:
         run.stack.close()
     summary = report.summarise(run.results, when=when, machine=machine())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin
 from django.db.models import Count, Sum
 from django.http import HttpRequest
@@ -11,7 +12,9 @@ from django.utils.html import format_html
 
 from access import admin_actions
 from access.admin import DecidePermissionMixin, ReadOnlyAdmin
+from access.models import Grant
 from weights.models import Artifact, DownloadEvent, DownloadLink, Release
+from weights.services.fingerprinting import ALREADY_GRANTED, release_mark_fingerprinted
 from weights.services.links import link_revoke
 
 
@@ -24,6 +27,31 @@ class ArtifactInline(admin.TabularInline):
 
     def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+
+class ReleaseForm(forms.ModelForm):
+    class Meta:
+        model = Release
+        fields = (
+            "name",
+            "slug",
+            "family",
+            "parameter_count",
+            "license",
+            "description",
+            "sort_order",
+            "fingerprinted",
+        )
+
+    def clean_fingerprinted(self) -> bool:
+        marking = self.cleaned_data.get("fingerprinted", False)
+        if marking and self.instance.pk and not self.instance.fingerprinted:
+            granted = Grant.objects.filter(release=self.instance).count()
+            if granted:
+                raise forms.ValidationError(
+                    ALREADY_GRANTED.format(release=self.instance, n=granted)
+                )
+        return marking
 
 
 @admin.register(Release)
@@ -39,10 +67,25 @@ class ReleaseAdmin(admin.ModelAdmin):
         "sort_order",
         "published_at",
         "revision",
+        "fingerprinted",
         "request_form",
     )
     readonly_fields = ("published_at", "revision", "request_form")
     inlines = [ArtifactInline]
+    form = ReleaseForm
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Release | None = None):
+        if obj is not None and obj.fingerprinted:  # for good: the copies out stay traceable
+            return (*self.readonly_fields, "fingerprinted")
+        return self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: Release, form, change: bool) -> None:
+        marking = form.cleaned_data.get("fingerprinted") and "fingerprinted" in form.changed_data
+        obj.fingerprinted = obj.fingerprinted and not marking  # the service marks it
+        super().save_model(request, obj, form, change)
+        if marking:
+            release_mark_fingerprinted(release=obj)
+            obj.refresh_from_db()
 
     @admin.display(description="request form")
     def request_form(self, obj: Release) -> str:

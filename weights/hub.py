@@ -28,6 +28,7 @@ from access.models import ApiToken
 from portal.text import one_line
 from weights.models import Artifact, Release
 from weights.refusals import Refusal, quiet, safe_methods
+from weights.services import fingerprinting
 from weights.services.hub_access import (
     BAD_TOKEN,
     BadCredentials,
@@ -269,6 +270,9 @@ def resolve(request: HttpRequest, namespace: str, name: str, revision: str, path
         response["X-Repo-Commit"] = commit
         return response
     etag = f'"{artifact.sha256}"'
+    if fingerprinting.is_own_copy(link.grant, artifact):  # the grantee's own bytes
+        copy = fingerprinting.served_copy(link.grant, artifact)
+        etag = f'"{copy.sha256}"' if copy else etag  # deliver() refuses until it is ready
     door = Door(
         refuse=_hub_refusal(commit),
         headers={

@@ -15,6 +15,7 @@ from django.urls import reverse
 from weights.models import Artifact, DownloadLink, LinkUsage
 from weights.services.budget import budget_limit
 from weights.services.file_requests import LINK_VARIANT
+from weights.services.fingerprinting import served_checksums
 
 
 def link_files(link: DownloadLink) -> list[Artifact]:
@@ -29,6 +30,8 @@ class FileRow:
     artifact: Artifact
     url: str
     remaining_bytes: int
+    sha256: str  # the grantee's own in a fingerprinted release, else the published one
+    md5: str
 
     @property
     def size_human(self) -> str:
@@ -38,14 +41,20 @@ class FileRow:
 def file_rows(request: HttpRequest, link: DownloadLink, token: str) -> list[FileRow]:
     """What the landing page and manifest.json list: one query for the charges."""
     charged = dict(LinkUsage.objects.filter(link=link).values_list("artifact_id", "bytes_charged"))
-    return [
-        FileRow(
-            artifact=artifact,
-            url=request.build_absolute_uri(reverse("weights:file", args=[token, artifact.path])),
-            remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
+    rows = []
+    for artifact, (sha256, md5) in served_checksums(link.grant, link_files(link)):
+        rows.append(
+            FileRow(
+                artifact=artifact,
+                url=request.build_absolute_uri(
+                    reverse("weights:file", args=[token, artifact.path])
+                ),
+                remaining_bytes=max(0, budget_limit(link, artifact) - charged.get(artifact.pk, 0)),
+                sha256=sha256,
+                md5=md5,
+            )
         )
-        for artifact in link_files(link)
-    ]
+    return rows
 
 
 def manifest_body(request: HttpRequest, link: DownloadLink, token: str) -> dict:
@@ -54,8 +63,8 @@ def manifest_body(request: HttpRequest, link: DownloadLink, token: str) -> dict:
         {
             "path": row.artifact.path,
             "size": row.artifact.size,
-            "sha256": row.artifact.sha256,
-            "md5": row.artifact.md5,
+            "sha256": row.sha256,
+            "md5": row.md5,
             "url": row.url,
             "remaining_bytes": row.remaining_bytes,
         }

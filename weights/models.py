@@ -30,6 +30,14 @@ class Release(models.Model):
     )
     sort_order = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    fingerprinted = models.BooleanField(
+        default=False,
+        help_text="Each grantee receives weights that are their own, traceable with "
+        "manage.py trace_leak. Set before the first grant; it cannot be undone.",
+    )
+    # The secret from which marked positions and every grantee's code derive
+    # (weights.fingerprint.keys). Never shown, never logged.
+    fingerprint_key = models.BinaryField(max_length=32, null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["sort_order", "name"]
@@ -186,3 +194,35 @@ class DownloadEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_outcome_display()} {self.bytes} B"
+
+
+class RecipientCopy(models.Model):
+    """A grantee's own copy of one file of a fingerprinted release: its checksums.
+
+    The bytes are computed on the fly from the original (weights.fingerprint), so only
+    what the grantee's tools check is stored: SHA-256 and MD5, computed once by a task
+    before the link is emailed. ``storage_key`` is set when the copy was also written out
+    (S3, where the portal redirects instead of streaming)."""
+
+    class State(models.TextChoices):
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    grant = models.ForeignKey(
+        "access.Grant", on_delete=models.CASCADE, related_name="recipient_copies"
+    )
+    artifact = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="+")
+    sha256 = models.CharField(max_length=64, blank=True)
+    md5 = models.CharField(max_length=32, blank=True)
+    storage_key = models.CharField(max_length=600, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices)
+    error = models.TextField(blank=True)
+    prepared_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["grant", "artifact"], name="one_copy_per_grant_file")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.artifact} for grant {self.grant_id} ({self.state})"

@@ -84,6 +84,11 @@ def unavailable() -> Refusal:
     return Refusal(503, "unavailable", UNAVAILABLE, Outcome.UNAVAILABLE)
 
 
+def preparing(message: str) -> Refusal:
+    """A fingerprinted release's file before the grantee's checksums exist (a 503: retry)."""
+    return Refusal(503, "preparing", message, Outcome.UNAVAILABLE)
+
+
 def bad_range(size: int) -> Refusal:
     return Refusal(416, "bad_range", BAD_RANGE.format(size=size), Outcome.BAD_RANGE)
 

@@ -45,11 +45,13 @@ from weights.refusals import (
     Refusal,
     bad_range,
     not_found,
+    preparing,
     protect,
     refusal_response,
     safe_methods,
     unavailable,
 )
+from weights.services import fingerprinting
 from weights.services.budget import (
     FlowingCharge,
     authorise,
@@ -82,6 +84,18 @@ def _resolve_page(request: HttpRequest, token: str, *, as_json: bool | None = No
         return None, refusal_response(request, Refusal.from_error(error), as_json=as_json)
 
 
+def _resolve_listing(request: HttpRequest, token: str, *, as_json: bool | None = None):
+    """As _resolve_page, for what lists checksums (manifest.json, download.sh, llama-stack):
+    a grantee's own copy must be prepared first, or the checksums would be wrong."""
+    link, refused = _resolve_page(request, token, as_json=as_json)
+    if refused or fingerprinting.copies_ready(link.grant):
+        return link, refused
+    message = fingerprinting.PREPARING.format(release=link.grant.release)
+    response = refusal_response(request, preparing(message), as_json=as_json)
+    response["Retry-After"] = "60"
+    return None, response
+
+
 @safe_methods
 def landing(request: HttpRequest, token: str) -> HttpResponse:
     link, refused = _resolve_page(request, token)
@@ -93,6 +107,7 @@ def landing(request: HttpRequest, token: str) -> HttpResponse:
         "link": link,
         "release": link.grant.release,
         "files": rows,
+        "preparing": not fingerprinting.copies_ready(link.grant),
         "total_size": sum(row.artifact.size for row in rows),
         "landing_url": landing_url,
         "cli_command": f'python -m weights.download "{landing_url}"',
@@ -109,7 +124,7 @@ def landing(request: HttpRequest, token: str) -> HttpResponse:
 
 @safe_methods
 def manifest(request: HttpRequest, token: str) -> HttpResponse:
-    link, refused = _resolve_page(request, token, as_json=True)
+    link, refused = _resolve_listing(request, token, as_json=True)
     if refused:
         return refused
     return protect(JsonResponse(manifest_body(request, link, token)))
@@ -119,7 +134,7 @@ def manifest(request: HttpRequest, token: str) -> HttpResponse:
 def llama_stack_manifest(request: HttpRequest, token: str) -> HttpResponse:
     """The link's files in the shape Meta's own tool reads:
     `llama download --source meta --manifest-file llama-stack.json`."""
-    link, refused = _resolve_page(request, token, as_json=True)
+    link, refused = _resolve_listing(request, token, as_json=True)
     if refused:
         return refused
     release = link.grant.release
@@ -142,13 +157,16 @@ def llama_stack_manifest(request: HttpRequest, token: str) -> HttpResponse:
 
 @safe_methods
 def download_script(request: HttpRequest, token: str) -> HttpResponse:
-    link, refused = _resolve_page(request, token)
+    link, refused = _resolve_listing(request, token)
     if refused:
         return refused
     release = link.grant.release
     base = request.build_absolute_uri(reverse("weights:landing", args=[token]))
     # The file endpoint would refuse any other path, so the script never asks for one.
     artifacts = [a for a in link_files(link) if artifact_path_ok(a.path)]
+    checksums = dict(
+        (a.pk, sums) for a, sums in fingerprinting.served_checksums(link.grant, artifacts)
+    )
     title = one_line(release.name)
     # Every value reaches sh as a single-quoted word, and every path as ./path, so no name
     # can run a command or pass for an option. The comment lines get a one-line title.
@@ -161,7 +179,7 @@ def download_script(request: HttpRequest, token: str) -> HttpResponse:
             (shlex.quote(quote(a.path)), shlex.quote("./" + a.path), a.size) for a in artifacts
         ],
         # Each line starts with 64 hex digits, so none can end the here-document early.
-        "sha256_lines": [f"{a.sha256}  ./{a.path}" for a in artifacts],
+        "sha256_lines": [f"{checksums[a.pk][0]}  ./{a.path}" for a in artifacts],
         "sums_name": shlex.quote(f"{release.slug}.sha256"),
         "checklists": [
             shlex.quote("./" + a.path)
@@ -278,8 +296,22 @@ def deliver(
 ) -> HttpResponse:
     """Serve `artifact` on `link`, which the caller's door has resolved and checked: HEAD,
     conditional and range requests, the budget, the event, and the bytes from local
-    storage, nginx (X-Accel) or S3 (a presigned redirect)."""
-    etag = f'"{artifact.sha256}"'
+    storage, nginx (X-Accel) or S3 (a presigned redirect). In a fingerprinted release a
+    weight file is the grantee's own copy: its checksum is the ETag, and its bytes are
+    computed and streamed by the portal."""
+    own = fingerprinting.is_own_copy(link.grant, artifact)
+    if own:
+        copy = fingerprinting.served_copy(link.grant, artifact)
+        if copy is None:
+            message = fingerprinting.PREPARING.format(release=link.grant.release)
+            refused = _refuse_file(
+                request, visit, preparing(message), link=link, artifact=artifact, door=door
+            )
+            refused["Retry-After"] = "60"
+            return refused
+        etag = f'"{copy.sha256}"'
+    else:
+        etag = f'"{artifact.sha256}"'
     if request.method == "HEAD":  # Range does not apply to HEAD; nothing is charged
         visit.record(link=link, artifact=artifact, nbytes=0, status=200, outcome=Outcome.HEAD)
         return _file_headers(HttpResponse(), artifact, etag, artifact.size, door)
@@ -303,6 +335,8 @@ def deliver(
     except StorageError:
         logger.exception("artifact %s has an unusable storage key", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
+    if own:  # computed per request: neither nginx nor S3 holds these bytes
+        return _serve_local(request, visit, local, link, artifact, byte_range, etag, door, own=own)
     if local is None:
         return _serve_redirect(request, visit, storage, link, artifact, byte_range, door)
     if settings.WEIGHTS_X_ACCEL_PREFIX:
@@ -337,17 +371,19 @@ def _refuse_budget(
 def _serve_local(
     request: HttpRequest,
     visit: Visit,
-    local: Path,
+    local: Path | None,
     link: DownloadLink,
     artifact: Artifact,
     byte_range: ByteRange | None,
     etag: str,
     door: Door,
+    *,
+    own: bool = False,
 ) -> HttpResponse:
     start, length = (byte_range.start, byte_range.length) if byte_range else (0, artifact.size)
     try:
-        handle = local.open("rb")
-    except OSError:
+        handle = fingerprinting.open_copy(link.grant, artifact) if own else local.open("rb")
+    except (OSError, fingerprinting.FingerprintRefused):
         logger.exception("artifact %s is missing from local storage", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     flow = FlowingCharge.begin(

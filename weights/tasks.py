@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from weights.services import event_journal, links, maintenance
+from weights.services import event_journal, fingerprinting, links, maintenance
 
 
 @shared_task(acks_late=True, autoretry_for=(Exception,), retry_backoff=30, max_retries=5)
 def issue_download_link(grant_id: int) -> bool:
-    # Idempotent: a grant whose link was emailed already gets nothing.
+    # Idempotent: a grant whose link was emailed already gets nothing; a fingerprinted
+    # release's copies that are ready are not prepared again.
+    fingerprinting.copies_prepare(grant_id=grant_id)
     return links.link_issue_and_email(grant_id=grant_id)
 
 
@@ -16,6 +18,7 @@ def issue_missing_links() -> int:
     issued = 0
     for grant_id in links.grants_without_link_ids():
         try:
+            fingerprinting.copies_prepare(grant_id=grant_id)
             issued += links.link_issue_and_email(grant_id=grant_id)
         except Exception:  # noqa: S112 - retried on the next sweep
             continue

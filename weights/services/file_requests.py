@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from access.models import Grant, LicenseAcceptance, LicenseVersion
 from weights import tokens
-from weights.models import Artifact, DownloadLink
+from weights.models import Artifact, DownloadLink, Release
 from weights.paths import artifact_path_ok
 from weights.services.hot_sql import hot_cursor
 from weights.services.links import INVALID, LinkInvalid, link_check
@@ -35,6 +35,7 @@ def _sql() -> str:
         "version": LicenseVersion._meta.db_table,
         "accepted": LicenseAcceptance._meta.db_table,
         "file": Artifact._meta.db_table,
+        "release": Release._meta.db_table,
     }
     current = (
         "SELECT v.{col} FROM {version} v WHERE v.effective_from <= %s "
@@ -48,8 +49,9 @@ def _sql() -> str:
         f"({current.format(col='version', **tables)}), "
         "EXISTS (SELECT 1 FROM {accepted} a WHERE a.user_id = g.user_id "
         f"AND a.license_version_id = ({current.format(col='id', **tables)})), "
-        "f.id, f.path, f.size, f.sha256, f.md5, f.storage_key "
+        "f.id, f.path, f.size, f.sha256, f.md5, f.storage_key, r.fingerprinted "
         "FROM {link} l JOIN {grant} g ON g.id = l.grant_id JOIN {user} u ON u.id = g.user_id "
+        "JOIN {release} r ON r.id = g.release_id "
         "LEFT JOIN {file} f ON f.release_id = g.release_id AND f.variant = %s AND f.path = %s "
         "WHERE l.token_hash = %s"
     ).format(**tables)
@@ -91,6 +93,9 @@ def link_file_resolve(token: str, path: str) -> tuple[DownloadLink, Artifact | N
         Grant, id=grant_id, user_id=user_id, release_id=release_id, revoked_at=_aware(grant_revoked)
     )
     grant.user = _instance(get_user_model(), id=user_id, is_active=bool(active))
+    # Whether the grantee's files are their own (weights.services.fingerprinting); any other
+    # field of the release is read only if a refusal names it.
+    grant.release = _instance(Release, id=release_id, fingerprinted=bool(row[21]))
     link = _instance(
         DownloadLink,
         id=link_id,

@@ -20,6 +20,7 @@ from access.policies import LICENSE_NOT_ACCEPTED, grant_holder_decision
 from portal.text import one_line
 from weights import tokens
 from weights.models import DownloadLink
+from weights.services import fingerprinting
 from weights.services.budget import usages_create
 
 
@@ -117,6 +118,9 @@ def link_issue_and_email(*, grant_id: int) -> bool:
         if (
             grant.revoked_at is not None
             or grant.download_links.filter(emailed_at__isnull=False).exists()
+            # A fingerprinted release's link goes out once the grantee's copy is ready
+            # (weights.tasks.issue_download_link prepares it first).
+            or not fingerprinting.copies_ready(grant)
         ):
             return False
         issued = link_issue(grant=grant)

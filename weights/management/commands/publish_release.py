@@ -7,6 +7,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from weights.services.fingerprinting import FingerprintRefused, release_mark_fingerprinted
 from weights.services.publishing import PublishError, release_publish
 from weights.storage import StorageError
 
@@ -32,6 +33,12 @@ class Command(BaseCommand):
             dest="transformers",
             action="store_false",
             help="publish Meta's files only, without converting the transformers variant",
+        )
+        parser.add_argument(
+            "--fingerprinted",
+            action="store_true",
+            help="give every grantee their own traceable copy (before the first grant only; "
+            "see manage.py trace_leak)",
         )
         parser.add_argument(
             "--work-dir",
@@ -69,9 +76,15 @@ class Command(BaseCommand):
                 transformers=options["transformers"],
                 work_dir=options["work_dir"],
             )
-        except (PublishError, StorageError) as exc:
+            if options["fingerprinted"]:
+                release_mark_fingerprinted(release=result.release)
+        except (PublishError, StorageError, FingerprintRefused) as exc:
             raise CommandError(str(exc)) from exc
 
+        if options["fingerprinted"]:
+            self.stdout.write(
+                f"{result.release.slug} is fingerprinted: each grantee gets their own copy."
+            )
         prefix = "Created release" if result.release_created else "Release"
         self.stdout.write(
             f"{prefix} {result.release.slug}: {len(result.created)} files added, "

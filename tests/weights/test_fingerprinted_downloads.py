@@ -1,0 +1,278 @@
+"""A fingerprinted release: each grantee's files are their own, checksummed before the link
+goes out, served consistently for whole files and any range, and verified by their tools.
+
+The bundled demo model (bfloat16, two model-parallel shards) is published as llama-7b on
+local storage, marked fingerprinted, and granted to two researchers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from django.core import mail
+
+from access.services import reviews
+from tests.conftest import require_tools
+from weights.models import Artifact, RecipientCopy, Release
+from weights.services import links
+from weights.services.fingerprinting import (
+    ALREADY_GRANTED,
+    FingerprintRefused,
+    release_mark_fingerprinted,
+)
+from weights.services.publishing import release_publish
+from weights.storage import reset_storage
+
+DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
+ROOT = Path(__file__).resolve().parents[2]
+SHARD = "consolidated.00.pth"
+
+
+@pytest.fixture
+def local(settings, tmp_path):
+    settings.WEIGHTS_STORAGE = "local"
+    settings.WEIGHTS_LOCAL_ROOT = tmp_path / "store"
+    reset_storage()
+    yield
+    reset_storage()
+
+
+@pytest.fixture
+def release(local, releases, tmp_path) -> Release:
+    source = tmp_path / "src"
+    shutil.copytree(DEMO, source)
+    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    return release_mark_fingerprinted(release=release)
+
+
+def approve(user, make_submitted, reviewer, release) -> str:
+    """The real approval: the task prepares the copy, then emails the link; its token."""
+    sent = len(mail.outbox)
+    application = make_submitted(user, slugs=("llama-7b",))
+    reviews.application_approve(application=application, reviewer=reviewer, releases=[release])
+    [message] = [m for m in mail.outbox[sent:] if "download link" in m.subject]
+    return re.search(r"/d/([A-Za-z0-9_-]{32})/", message.body).group(1)
+
+
+def artifact(release: Release, path: str) -> Artifact:
+    return release.artifacts.get(path=path)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def one_ulp_apart(original: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    bits = original.view(torch.int16).int() - copy.view(torch.int16).int()
+    return bits.abs()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_grantee_gets_their_own_verified_copy(
+    client, release, alice, bob, reviewer, make_submitted
+):
+    alice_token = approve(alice, make_submitted, reviewer, release)
+    bob_token = approve(bob, make_submitted, reviewer, release)
+    shard = artifact(release, SHARD)
+
+    # Checksums of the three files that differ per recipient were ready before the mail.
+    for user in (alice, bob):
+        copies = RecipientCopy.objects.filter(grant__user=user, state="ready")
+        assert sorted(c.artifact.path for c in copies) == [
+            "checklist.chk",
+            "consolidated.00.pth",
+            "consolidated.01.pth",
+        ]
+
+    alice_bytes = b"".join(client.get(f"/d/{alice_token}/{SHARD}").streaming_content)
+    bob_bytes = b"".join(client.get(f"/d/{bob_token}/{SHARD}").streaming_content)
+    alice_copy = RecipientCopy.objects.get(grant__user=alice, artifact=shard)
+    assert len(alice_bytes) == len(bob_bytes) == shard.size
+    assert sha256(alice_bytes) == alice_copy.sha256 != shard.sha256
+    assert sha256(bob_bytes) != sha256(alice_bytes)
+
+    # Any range is the same bytes as the whole file: resumes and parallel clients agree.
+    for first, last in ((0, 0), (1, 2), (4093, 70_001), (shard.size - 3, shard.size - 1)):
+        response = client.get(f"/d/{alice_token}/{SHARD}", HTTP_RANGE=f"bytes={first}-{last}")
+        assert response.status_code == 206
+        assert b"".join(response.streaming_content) == alice_bytes[first : last + 1]
+
+    # The copy loads, and differs from the original by at most one unit in the last place.
+    original = torch.load(io.BytesIO(Path(DEMO / SHARD).read_bytes()), weights_only=True)
+    mine = torch.load(io.BytesIO(alice_bytes), weights_only=True)
+    assert mine.keys() == original.keys()
+    changed = 0
+    for name, tensor in original.items():
+        apart = one_ulp_apart(tensor, mine[name])
+        assert int(apart.max()) <= 1, name
+        changed += int(apart.sum())
+        if tensor.ndim == 1:
+            assert torch.equal(tensor, mine[name]), name  # norms stay exact
+    assert changed > 10_000
+
+    # What the grantee's tools check is the grantee's own: manifest, checklist, HEAD.
+    manifest = client.get(f"/d/{alice_token}/manifest.json").json()
+    sums = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert sums[SHARD] == alice_copy.sha256
+    assert sums["params.json"] == artifact(release, "params.json").sha256
+    checklist = b"".join(client.get(f"/d/{alice_token}/checklist.chk").streaming_content)
+    assert f"{hashlib.md5(alice_bytes).hexdigest()}  {SHARD}" in checklist.decode()  # noqa: S324
+    head = client.head(f"/d/{alice_token}/{SHARD}")
+    assert head["ETag"] == f'"{alice_copy.sha256}"'
+    landing = client.get(f"/d/{alice_token}/").content.decode()
+    assert alice_copy.sha256 in landing and 'id="fingerprinted"' in landing
+
+
+@pytest.mark.django_db(transaction=True)
+def test_until_the_copy_is_prepared_nothing_is_served_or_sent(
+    client, release, alice, reviewer, make_submitted
+):
+    token = approve(alice, make_submitted, reviewer, release)
+    grant = release.grants.get()
+    RecipientCopy.objects.filter(grant=grant).delete()  # as if the task had not run yet
+
+    response = client.get(f"/d/{token}/{SHARD}")
+    assert response.status_code == 503 and response["Retry-After"] == "60"
+    assert client.get(f"/d/{token}/manifest.json").json()["error"] == "preparing"
+    assert client.get(f"/d/{token}/download.sh").status_code == 503
+    assert 'id="preparing"' in client.get(f"/d/{token}/").content.decode()
+    assert client.get(f"/d/{token}/params.json").status_code == 200  # the same for everyone
+    # No link email goes out before the copy is ready, on any path to it.
+    grant.download_links.update(emailed_at=None)
+    assert links.link_issue_and_email(grant_id=grant.pk) is False
+
+    from weights.tasks import issue_download_link
+
+    assert issue_download_link(grant.pk) is True  # prepares, then emails
+    assert RecipientCopy.objects.filter(grant=grant, state="ready").count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_release_is_marked_before_its_first_grant_only(
+    release, local, releases, alice, reviewer, make_submitted, tmp_path
+):
+    other = releases["llama-13b"]
+    source = tmp_path / "src13"
+    shutil.copytree(DEMO, source)
+    release_publish(directory=source, slug="llama-13b", transformers=False)
+    application = make_submitted(alice, slugs=("llama-13b",))
+    reviews.application_approve(application=application, reviewer=reviewer, releases=[other])
+    with pytest.raises(FingerprintRefused) as refused:
+        release_mark_fingerprinted(release=other)
+    assert str(refused.value) == ALREADY_GRANTED.format(release=other, n=1)
+    other.refresh_from_db()
+    assert not other.fingerprinted and other.fingerprint_key is None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("tool", ["wget", "curl"])
+def test_download_sh_and_the_cli_verify_the_grantees_copy(
+    live_server, release, alice, reviewer, make_submitted, tmp_path, tool
+):
+    require_tools(tool, "sh", "md5sum", "sha256sum")
+    token = approve(alice, make_submitted, reviewer, release)
+    url = f"{live_server.url}/d/{token}/"
+    mine = {c.artifact.path: c.sha256 for c in RecipientCopy.objects.filter(grant__user=alice)}
+
+    with urllib.request.urlopen(url + "download.sh") as response:  # noqa: S310
+        (tmp_path / "download.sh").write_bytes(response.read())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    other = "curl" if tool == "wget" else "wget"
+    for name in ("sh", tool, "mkdir", "dirname", "basename", "cat", "wc", "rm", "sed"):
+        if shutil.which(name) and name != other:
+            (bin_dir / name).symlink_to(shutil.which(name))
+    for name in ("md5sum", "sha256sum"):
+        (bin_dir / name).symlink_to(shutil.which(name))
+    env = {**os.environ, "PATH": str(bin_dir), "NO_PROXY": "127.0.0.1"}
+    run = subprocess.run(
+        ["sh", "./download.sh", str(tmp_path / "sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "downloaded and verified" in run.stdout
+    for path, digest in mine.items():
+        assert sha256((tmp_path / "sh" / path).read_bytes()) == digest
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "weights.download", url, "--dest", str(tmp_path / "cli")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_PROXY": "127.0.0.1"},
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    for path, digest in mine.items():
+        assert sha256((tmp_path / "cli" / path).read_bytes()) == digest
+
+
+@pytest.fixture
+def operator_client(client, password):
+    from tests.factories import UserFactory
+    from tests.twofactor import login_with_2fa
+
+    operator = UserFactory(username="olga", email="olga@portal.example.org")
+    operator.is_staff = operator.is_superuser = True
+    operator.save()
+    return login_with_2fa(client, operator, password)
+
+
+def release_form(release: Release, **changes) -> dict:
+    values = {
+        "name": release.name,
+        "slug": release.slug,
+        "family": release.family,
+        "parameter_count": release.parameter_count or "",
+        "license": release.license_id or "",
+        "description": release.description,
+        "sort_order": release.sort_order,
+        "artifacts-TOTAL_FORMS": "0",
+        "artifacts-INITIAL_FORMS": "0",
+        **changes,
+    }
+    return {k: v for k, v in values.items() if v is not False}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_marks_a_release_in_the_admin_and_the_grant_shows_it(
+    operator_client, local, releases, alice, bob, reviewer, make_submitted, tmp_path
+):
+    source = tmp_path / "src"
+    shutil.copytree(DEMO, source)
+    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    url = f"/admin/weights/release/{release.pk}/change/"
+    response = operator_client.post(url, release_form(release, fingerprinted="on"))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    release.refresh_from_db()
+    assert release.fingerprinted and len(bytes(release.fingerprint_key)) == 32
+    # Marked for good: the field is no longer an input.
+    assert 'name="fingerprinted"' not in operator_client.get(url).content.decode()
+
+    approve(alice, make_submitted, reviewer, release)
+    grant = release.grants.get()
+    page = operator_client.get(f"/admin/access/grant/{grant.pk}/change/").content.decode()
+    assert "Own copy ready: 3 files differ from the published ones" in page
+
+    # Another release with a grant already: the form says why it cannot be marked.
+    other = releases["llama-13b"]
+    application = make_submitted(bob, slugs=("llama-13b",))
+    reviews.application_approve(application=application, reviewer=reviewer, releases=[other])
+    other_url = f"/admin/weights/release/{other.pk}/change/"
+    response = operator_client.post(other_url, release_form(other, fingerprinted="on"))
+    assert response.status_code == 200
+    assert ALREADY_GRANTED.format(release=other, n=1) in response.content.decode()
+    other.refresh_from_db()
+    assert not other.fingerprinted

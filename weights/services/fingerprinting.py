@@ -1,0 +1,333 @@
+"""Fingerprinted releases: marking a release, and each grantee's own copy of its files.
+
+A fingerprinted release serves every grantee weights that differ from the published ones
+in a key-selected set of positions by one unit in the last place (weights.fingerprint).
+Which files differ: the weight files (``consolidated.NN.pth``, ``*.safetensors``) and,
+because it lists their MD5s, ``checklist.chk``. Everything else is served as published.
+
+The rules, in one place for the admin, ``publish_release`` and the API:
+
+- a release is marked before its first grant, never after (earlier grantees would hold
+  copies that name nobody), and never unmarked (the copies already out stay traceable);
+- a grant's link is emailed only once its copies' checksums are ready
+  (``copies_ready``), so ``md5sum -c``, the CLI and the Hub client check the grantee's own
+  bytes from the first download on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from django.db import transaction
+from django.utils import timezone
+
+from access.models import Grant
+from weights.fingerprint.embed import check_embeddable, fingerprint_range
+from weights.fingerprint.keys import new_release_key, recipient_code
+from weights.fingerprint.layout import (
+    FileLayout,
+    LayoutError,
+    meta_layout,
+    read_torch_tensors,
+    safetensors_layout,
+)
+from weights.models import Artifact, RecipientCopy, Release
+from weights.storage import get_storage
+
+CHUNK = 4 << 20
+SHARD = re.compile(r"^consolidated\.\d+\.pth$")
+HF_CONFIG = "config.json"
+
+CHECKLIST = "checklist.chk"
+WEIGHT_SUFFIXES = (".pth", ".safetensors")
+
+ALREADY_GRANTED = (
+    "{release} already has {n} grant(s): mark a release fingerprinted before its first "
+    "grant, so that every copy that leaves names its recipient."
+)
+
+
+class FingerprintRefused(Exception):
+    pass
+
+
+def release_mark_fingerprinted(*, release: Release) -> Release:
+    """Mark ``release`` fingerprinted and give it its secret; idempotent."""
+    with transaction.atomic():
+        release = Release.objects.select_for_update().get(pk=release.pk)
+        if release.fingerprinted:
+            return release
+        granted = Grant.objects.filter(release=release).count()
+        if granted:
+            raise FingerprintRefused(ALREADY_GRANTED.format(release=release, n=granted))
+        check_release(release)
+        release.fingerprinted = True
+        release.fingerprint_key = new_release_key()
+        release.save(update_fields=["fingerprinted", "fingerprint_key"])
+    return release
+
+
+def differs_per_recipient(artifact: Artifact) -> bool:
+    """Whether this file's bytes are the grantee's own in a fingerprinted release."""
+    name = posixpath.basename(artifact.path)
+    return name == CHECKLIST or name.endswith(WEIGHT_SUFFIXES)
+
+
+def is_own_copy(grant: Grant, artifact: Artifact) -> bool:
+    """Whether this grantee is served their own bytes of ``artifact``."""
+    return grant.release.fingerprinted and differs_per_recipient(artifact)
+
+
+def grant_code(grant: Grant) -> bytes:
+    key = grant.release.fingerprint_key
+    if not grant.release.fingerprinted or not key:
+        raise FingerprintRefused(f"{grant.release} is not fingerprinted")
+    return recipient_code(bytes(key), grant.pk)
+
+
+def copies_ready(grant: Grant) -> bool:
+    """True when the grantee's files can be served: not fingerprinted, or all prepared."""
+    if not grant.release.fingerprinted:
+        return True
+    needed = [a.pk for a in grant.release.artifacts.all() if differs_per_recipient(a)]
+    ready = RecipientCopy.objects.filter(
+        grant=grant, artifact_id__in=needed, state=RecipientCopy.State.READY
+    ).count()
+    return ready == len(needed)
+
+
+def served_checksums(
+    grant: Grant, artifacts: list[Artifact]
+) -> list[tuple[Artifact, tuple[str, str]]]:
+    """Each file with the (SHA-256, MD5) its grantee receives: their own copy's where the
+    file differs per recipient (empty while it is being prepared), else the published."""
+    copies = recipient_checksums(grant)
+    out = []
+    for artifact in artifacts:
+        if is_own_copy(grant, artifact):
+            copy = copies.get(artifact.pk)
+            out.append((artifact, (copy.sha256, copy.md5) if copy else ("", "")))
+        else:
+            out.append((artifact, (artifact.sha256, artifact.md5)))
+    return out
+
+
+def copies_state(grant: Grant) -> str:
+    """The grant's fingerprint, in words, for reviewers (the admin's grant page)."""
+    if not grant.release.fingerprinted:
+        return "Not fingerprinted: this release is served as published."
+    needed = [a.pk for a in grant.release.artifacts.all() if differs_per_recipient(a)]
+    copies = {c.artifact_id: c for c in RecipientCopy.objects.filter(grant=grant)}
+    ready = sum(1 for pk in needed if pk in copies and copies[pk].state == "ready")
+    failed = [c for c in copies.values() if c.state == RecipientCopy.State.FAILED]
+    if ready == len(needed):
+        return f"Own copy ready: {ready} files differ from the published ones, traceable to this grant."
+    if failed:
+        return f"Preparing failed ({ready} of {len(needed)} files ready): {failed[0].error}"
+    return f"Preparing the grantee's copy: {ready} of {len(needed)} files ready."
+
+
+def recipient_checksums(grant: Grant) -> dict[int, RecipientCopy]:
+    """The grantee's ready copies by artifact id (empty when not fingerprinted)."""
+    if not grant.release.fingerprinted:
+        return {}
+    return {
+        copy.artifact_id: copy
+        for copy in RecipientCopy.objects.filter(grant=grant, state=RecipientCopy.State.READY)
+    }
+
+
+# --- a grantee's bytes ---------------------------------------------------------------------
+
+NOT_LOCAL = (
+    "{release} is stored in S3: fingerprinted copies are computed from local storage only "
+    "(WEIGHTS_STORAGE=local); see docs/fingerprinting.md"
+)
+PREPARING = (
+    "Your own copy of {release} is being prepared: its checksums are computed before the "
+    "files are served. Try again in a minute."
+)
+
+
+def _local_path(artifact: Artifact) -> Path:
+    path = get_storage().local_path(artifact.storage_key)
+    if path is None:
+        raise FingerprintRefused(NOT_LOCAL.format(release=artifact.release))
+    return path
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(artifact_id: int) -> FileLayout:
+    """Where each tensor lies in this file and where it sits in the merged model; read
+    from the stored files once per process (they never change under their key)."""
+    artifact = Artifact.objects.select_related("release").get(pk=artifact_id)
+    name = posixpath.basename(artifact.path)
+    siblings = artifact.release.artifacts.filter(variant=artifact.variant)
+    if name.endswith(".pth"):
+        folder = posixpath.dirname(artifact.path)
+        shards = sorted(
+            (
+                a
+                for a in siblings
+                if posixpath.dirname(a.path) == folder and SHARD.match(posixpath.basename(a.path))
+            ),
+            key=lambda a: a.path,
+        )
+        paths = [_local_path(a) for a in shards]
+        shapes = [{t.name: t.shape for t in read_torch_tensors(p)[1]} for p in paths]
+        index = [a.pk for a in shards].index(artifact.pk)
+        return meta_layout(
+            _local_path(artifact), shard_index=index, n_shards=len(shards), shard_shapes=shapes
+        )
+    config = next((a for a in siblings if a.path == HF_CONFIG), None)
+    if config is None:
+        raise FingerprintRefused(f"{artifact}: no {HF_CONFIG} next to it")
+    settings_json = json.loads(_local_path(config).read_bytes())
+    return safetensors_layout(_local_path(artifact), config=settings_json)
+
+
+def check_release(release: Release) -> None:
+    """Every weight file can carry a fingerprint (stored locally, bf16/fp16): refuse early,
+    at marking time, rather than serve copies that name nobody."""
+    for artifact in release.artifacts.all():
+        if differs_per_recipient(artifact) and not _is_checklist(artifact):
+            _local_path(artifact)
+            try:
+                check_embeddable(_layout(artifact.pk))
+            except LayoutError as exc:
+                raise FingerprintRefused(str(exc)) from exc
+
+
+def _is_checklist(artifact: Artifact) -> bool:
+    return posixpath.basename(artifact.path) == CHECKLIST
+
+
+class CopyHandle:
+    """The grantee's bytes of one file, as a read-only, seekable binary file."""
+
+    def __init__(self, path: Path, layout: FileLayout, release_key: bytes, code: bytes) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._layout, self._key, self._code = layout, release_key, code
+        self._pos = 0
+
+    def _read_at(self, a: int, b: int) -> bytes:
+        return os.pread(self._fd, b - a, a)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = offset if whence == os.SEEK_SET else self._pos + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._layout.size if n < 0 else min(self._layout.size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        start, self._pos = self._pos, end
+        original = self._read_at(start, end)
+        return fingerprint_range(
+            self._layout, self._key, self._code, start, end, original, read_at=self._read_at
+        )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def checklist_bytes(grant: Grant, artifact: Artifact) -> bytes:
+    """The published checklist with each listed weight file's MD5 replaced by the grantee's."""
+    folder = posixpath.dirname(artifact.path)
+    copies = recipient_checksums(grant)
+    by_name = {
+        posixpath.relpath(a.path, folder or "."): copies[a.pk].md5
+        for a in grant.release.artifacts.filter(variant=artifact.variant)
+        if a.pk in copies and not _is_checklist(a)
+    }
+    lines = []
+    for line in _local_path(artifact).read_text().splitlines(keepends=True):
+        md5, sep, name = line.partition("  ")
+        own = by_name.get(name.rstrip("\r\n").removeprefix("./"))
+        lines.append(f"{own}{sep}{name}" if own and sep else line)
+    return "".join(lines).encode()
+
+
+def open_copy(grant: Grant, artifact: Artifact) -> BinaryIO:
+    """The grantee's bytes of ``artifact`` (a file that differs per recipient)."""
+    if _is_checklist(artifact):
+        return io.BytesIO(checklist_bytes(grant, artifact))
+    release = grant.release
+    return CopyHandle(  # type: ignore[return-value]
+        _local_path(artifact),
+        _layout(artifact.pk),
+        bytes(release.fingerprint_key),
+        grant_code(grant),
+    )
+
+
+def served_copy(grant: Grant, artifact: Artifact) -> RecipientCopy | None:
+    """The grantee's ready copy of a file that differs per recipient; None while preparing."""
+    return RecipientCopy.objects.filter(
+        grant_id=grant.pk, artifact_id=artifact.pk, state=RecipientCopy.State.READY
+    ).first()
+
+
+def _digests(handle: BinaryIO) -> tuple[str, str]:
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    try:
+        while chunk := handle.read(CHUNK):
+            sha256.update(chunk)
+            md5.update(chunk)
+    finally:
+        handle.close()
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+def copies_prepare(*, grant_id: int) -> int:
+    """Compute the grantee's checksums of every file that differs per recipient.
+
+    Idempotent and restartable: each file's row commits on its own, a ready row is never
+    recomputed, so a worker killed halfway leaves the rest to the next run. The checklist
+    comes last, from the weight files' MD5s. Returns how many files were prepared now."""
+    grant = Grant.objects.select_related("release").get(pk=grant_id)
+    if not grant.release.fingerprinted or grant.revoked_at is not None:
+        return 0
+    ready = set(
+        RecipientCopy.objects.filter(grant=grant, state=RecipientCopy.State.READY).values_list(
+            "artifact_id", flat=True
+        )
+    )
+    todo = [a for a in grant.release.artifacts.all() if differs_per_recipient(a)]
+    todo.sort(key=_is_checklist)  # weights first: the checklist lists their MD5s
+    prepared = 0
+    for artifact in todo:
+        if artifact.pk in ready:
+            continue
+        try:
+            sha256, md5 = _digests(open_copy(grant, artifact))
+        except Exception as exc:
+            RecipientCopy.objects.update_or_create(
+                grant=grant,
+                artifact=artifact,
+                defaults={"state": RecipientCopy.State.FAILED, "error": f"{exc}"[:2000]},
+            )
+            raise
+        RecipientCopy.objects.update_or_create(
+            grant=grant,
+            artifact=artifact,
+            defaults={
+                "state": RecipientCopy.State.READY,
+                "sha256": sha256,
+                "md5": md5,
+                "error": "",
+                "prepared_at": timezone.now(),
+            },
+        )
+        prepared += 1
+    return prepared
