@@ -24,23 +24,19 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from django.db import transaction
 from django.utils import timezone
 
 from access.models import Grant
-from weights.fingerprint.embed import check_embeddable, fingerprint_range
 from weights.fingerprint.keys import new_release_key, recipient_code
-from weights.fingerprint.layout import (
-    FileLayout,
-    LayoutError,
-    meta_layout,
-    read_torch_tensors,
-    safetensors_layout,
-)
 from weights.models import Artifact, RecipientCopy, Release
 from weights.storage import get_storage
+
+if TYPE_CHECKING:  # the layouts read checkpoints with torch's rules: loaded on first use,
+    # so a web process that serves no fingerprinted file never imports torch (DESIGN 6)
+    from weights.fingerprint.layout import FileLayout
 
 CHUNK = 4 << 20
 SHARD = re.compile(r"^consolidated\.\d+\.pth$")
@@ -168,6 +164,8 @@ def _local_path(artifact: Artifact) -> Path:
 def _layout(artifact_id: int) -> FileLayout:
     """Where each tensor lies in this file and where it sits in the merged model; read
     from the stored files once per process (they never change under their key)."""
+    from weights.fingerprint.layout import meta_layout, read_torch_tensors, safetensors_layout
+
     artifact = Artifact.objects.select_related("release").get(pk=artifact_id)
     name = posixpath.basename(artifact.path)
     siblings = artifact.release.artifacts.filter(variant=artifact.variant)
@@ -197,6 +195,9 @@ def _layout(artifact_id: int) -> FileLayout:
 def check_release(release: Release) -> None:
     """Every weight file can carry a fingerprint (stored locally, bf16/fp16): refuse early,
     at marking time, rather than serve copies that name nobody."""
+    from weights.fingerprint.embed import check_embeddable
+    from weights.fingerprint.layout import LayoutError
+
     for artifact in release.artifacts.all():
         if differs_per_recipient(artifact) and not _is_checklist(artifact):
             _local_path(artifact)
@@ -229,6 +230,8 @@ class CopyHandle:
         end = self._layout.size if n < 0 else min(self._layout.size, self._pos + n)
         if end <= self._pos:
             return b""
+        from weights.fingerprint.embed import fingerprint_range
+
         start, self._pos = self._pos, end
         original = self._read_at(start, end)
         return fingerprint_range(
