@@ -502,3 +502,23 @@ def test_a_second_demo_release_is_listed_only_with_its_own_grant(grantee, settin
     settings.DEMO_MODELS = {**settings.DEMO_MODELS, "llama-7b": settings.DEMO_MODELS[DEMO]}
     response = Client().get("/api/v1/models", **bearer(grantee))
     assert [m["id"] for m in response.json()["data"]] == [DEMO]
+
+
+@pytest.mark.django_db
+def test_the_token_rules_of_every_door_hold_here(grantee):
+    """What ends a token elsewhere ends it here: a password change, a disabled account,
+    a deleted token. Each is a 401 and writes no record."""
+    headers = bearer(grantee)
+    assert Client().get("/api/v1/models", **headers).status_code == 200
+
+    grantee.set_password("a brand new passphrase 42")
+    grantee.save()
+    changed = Client().get("/api/v1/models", **headers)
+    assert changed.status_code == 401
+    assert "password changed" in changed.json()["error"]["message"]
+
+    headers = bearer(grantee)
+    type(grantee).objects.filter(pk=grantee.pk).update(is_active=False)
+    refused = post(Client(), "completions", {"model": DEMO, "prompt": PROMPT}, **headers)
+    assert refused.status_code == 401
+    assert not DemoRequest.objects.exists()
