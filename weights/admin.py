@@ -32,16 +32,7 @@ class ArtifactInline(admin.TabularInline):
 class ReleaseForm(forms.ModelForm):
     class Meta:
         model = Release
-        fields = (
-            "name",
-            "slug",
-            "family",
-            "parameter_count",
-            "license",
-            "description",
-            "sort_order",
-            "fingerprinted",
-        )
+        fields = ("fingerprinted",)  # the admin's `fields` decide the rest of the form
 
     def clean_fingerprinted(self) -> bool:
         marking = self.cleaned_data.get("fingerprinted", False)
