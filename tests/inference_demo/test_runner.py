@@ -57,6 +57,17 @@ class GatedDecode:
         return decode_one_token(model, tokens, pos)
 
 
+def fill_both_slots(engine) -> list:
+    """Two long requests, both admitted before the (gated) first decode step.
+
+    Submitted while this thread holds the engine's lock, so its thread cannot admit the
+    first, prefill it and block in the gated decode with the second still waiting."""
+    with engine._cond:
+        held = [engine.submit(PROMPT, SamplingParams(max_new_tokens=50)) for _ in range(2)]
+    wait_until(lambda: engine.active == 2)
+    return held
+
+
 @pytest.fixture
 def small_engine(demo_dir):
     """A small engine of this process, as the in-process transport and the worker use it."""
@@ -132,8 +143,7 @@ def test_should_cancel_ends_with_cancelled_event(small_engine):
 def test_waiting_request_reports_its_position_and_can_be_cancelled(small_engine):
     gated = GatedDecode()
     small_engine.decode = gated
-    holders = [small_engine.submit(PROMPT, SamplingParams(max_new_tokens=50)) for _ in range(2)]
-    wait_until(lambda: small_engine.active == 2)
+    holders = fill_both_slots(small_engine)
     row = make_request()
     stop = threading.Event()
     events = []
@@ -154,8 +164,7 @@ def test_waiting_request_reports_its_position_and_can_be_cancelled(small_engine)
 def test_queue_full_answers_busy(small_engine):
     gated = GatedDecode()
     small_engine.decode = gated
-    held = [small_engine.submit(PROMPT, SamplingParams(max_new_tokens=50)) for _ in range(2)]
-    wait_until(lambda: small_engine.active == 2)
+    held = fill_both_slots(small_engine)
     held += [small_engine.submit(PROMPT) for _ in range(SMALL_ENGINE["max_queue"])]
     row = make_request()
     try:
