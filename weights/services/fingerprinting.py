@@ -153,7 +153,8 @@ PREPARING = (
 )
 
 
-def _local_path(artifact: Artifact) -> Path:
+def original_path(artifact: Artifact) -> Path:
+    """The published file on this machine's disk, where fingerprinted bytes are computed from."""
     path = get_storage().local_path(artifact.storage_key)
     if path is None:
         raise FingerprintRefused(NOT_LOCAL.format(release=artifact.release))
@@ -179,17 +180,17 @@ def _layout(artifact_id: int) -> FileLayout:
             ),
             key=lambda a: a.path,
         )
-        paths = [_local_path(a) for a in shards]
+        paths = [original_path(a) for a in shards]
         shapes = [{t.name: t.shape for t in read_torch_tensors(p)[1]} for p in paths]
         index = [a.pk for a in shards].index(artifact.pk)
         return meta_layout(
-            _local_path(artifact), shard_index=index, n_shards=len(shards), shard_shapes=shapes
+            original_path(artifact), shard_index=index, n_shards=len(shards), shard_shapes=shapes
         )
     config = next((a for a in siblings if a.path == HF_CONFIG), None)
     if config is None:
         raise FingerprintRefused(f"{artifact}: no {HF_CONFIG} next to it")
-    settings_json = json.loads(_local_path(config).read_bytes())
-    return safetensors_layout(_local_path(artifact), config=settings_json)
+    settings_json = json.loads(original_path(config).read_bytes())
+    return safetensors_layout(original_path(artifact), config=settings_json)
 
 
 def check_release(release: Release) -> None:
@@ -200,7 +201,7 @@ def check_release(release: Release) -> None:
 
     for artifact in release.artifacts.all():
         if differs_per_recipient(artifact) and not _is_checklist(artifact):
-            _local_path(artifact)
+            original_path(artifact)
             try:
                 check_embeddable(_layout(artifact.pk))
             except LayoutError as exc:
@@ -254,7 +255,7 @@ def checklist_bytes(grant: Grant, artifact: Artifact) -> bytes:
         if a.pk in copies and not _is_checklist(a)
     }
     lines = []
-    for line in _local_path(artifact).read_text().splitlines(keepends=True):
+    for line in original_path(artifact).read_text().splitlines(keepends=True):
         md5, sep, name = line.partition("  ")
         own = by_name.get(name.rstrip("\r\n").removeprefix("./"))
         lines.append(f"{own}{sep}{name}" if own and sep else line)
@@ -267,7 +268,7 @@ def open_copy(grant: Grant, artifact: Artifact) -> BinaryIO:
         return io.BytesIO(checklist_bytes(grant, artifact))
     release = grant.release
     return CopyHandle(  # type: ignore[return-value]
-        _local_path(artifact),
+        original_path(artifact),
         _layout(artifact.pk),
         bytes(release.fingerprint_key),
         grant_code(grant),
