@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,30 @@ def eventually(read: Callable[[], T], done: Callable[[T], bool], *, timeout: flo
         if done(value) or time.monotonic() >= deadline:
             return value
         time.sleep(0.05)
+
+
+SCRIPT_TOOLS = ("sh", "wget", "curl", "mkdir", "dirname", "basename", "cat", "wc", "rm", "sed")
+SCRIPT_TOOLS += ("md5sum", "sha256sum", "touch")  # touch: so an injected command would work
+
+
+def tool_dir(parent: Path, without: str) -> Path:
+    """A PATH directory with what download.sh may use, minus one downloader."""
+    bin_dir = parent / f"bin-no-{without}"
+    if bin_dir.is_dir():
+        return bin_dir
+    bin_dir.mkdir()
+    for tool in SCRIPT_TOOLS:
+        found = shutil.which(tool)
+        if tool != without and found:
+            (bin_dir / tool).symlink_to(found)
+    return bin_dir
+
+
+def run_download_sh(script: bytes, dest: Path, cwd: Path, tool: str) -> subprocess.CompletedProcess:
+    """Run a landing page's download.sh with only ``tool`` (wget or curl) to fetch with."""
+    (cwd / "download.sh").write_bytes(script)
+    other = "curl" if tool == "wget" else "wget"
+    env = {**os.environ, "PATH": str(tool_dir(cwd, other)), "NO_PROXY": "127.0.0.1"}
+    return subprocess.run(
+        ["sh", "./download.sh", str(dest)], cwd=cwd, env=env, capture_output=True, text=True
+    )

@@ -8,9 +8,6 @@ Each test publishes a release, fetches its script from a live portal and runs it
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from access.services import reviews
 from tests.conftest import require_tools
-from tests.weights.clients import eventually
+from tests.weights.clients import eventually, run_download_sh
 from weights.management.commands.generate_sample_release import MIB, write_sample_release
 from weights.models import Artifact, DownloadEvent, LinkUsage, Release
 from weights.paths import artifact_path_ok
@@ -63,20 +60,6 @@ HOSTILE_NAME = (
 )
 
 
-def _tool_dir(tmp_path: Path, without: str) -> Path:
-    bin_dir = tmp_path / f"bin-no-{without}"
-    if bin_dir.is_dir():
-        return bin_dir
-    bin_dir.mkdir()
-    tools = ("sh", "wget", "curl", "mkdir", "dirname", "basename", "cat", "wc", "rm", "sed")
-    tools += ("md5sum", "sha256sum", "touch")  # touch: so an injected command would work
-    for tool in tools:
-        found = shutil.which(tool)
-        if tool != without and found:
-            (bin_dir / tool).symlink_to(found)
-    return bin_dir
-
-
 def _write_hostile_release(directory: Path) -> None:
     for i, path in enumerate(HOSTILE_FILES):
         if path.endswith("checklist.chk"):
@@ -97,15 +80,6 @@ def _grant_token(make_submitted, alice, reviewer, releases) -> str:
         application=application, reviewer=reviewer, releases=[releases["llama-7b"]]
     )
     return links.link_issue(grant=grant, budget_copies=2).token
-
-
-def _run(script: bytes, dest: Path, cwd: Path, tool: str) -> subprocess.CompletedProcess:
-    (cwd / "download.sh").write_bytes(script)
-    other = "curl" if tool == "wget" else "wget"
-    env = {**os.environ, "PATH": str(_tool_dir(cwd, other)), "NO_PROXY": "127.0.0.1"}
-    return subprocess.run(
-        ["sh", "./download.sh", str(dest)], cwd=cwd, env=env, capture_output=True, text=True
-    )
 
 
 @pytest.fixture
@@ -131,7 +105,7 @@ def test_a_hostile_release_name_runs_nothing(
     cwd = tmp_path / "run"
     cwd.mkdir()
 
-    run = _run(script, cwd / "out", cwd, tool)
+    run = run_download_sh(script, cwd / "out", cwd, tool)
 
     assert not list(tmp_path.rglob(MARKER))
     assert run.returncode == 0, run.stdout + run.stderr
@@ -155,7 +129,7 @@ def test_hostile_names_and_paths_run_nothing_and_every_file_arrives(
 
     cwd, dest = tmp_path / "run", tmp_path / "run" / "out"
     cwd.mkdir()
-    run = _run(script, dest, cwd, tool)
+    run = run_download_sh(script, dest, cwd, tool)
 
     assert not [p for p in tmp_path.rglob(f"*{MARKER}*") if p.name == MARKER]
     assert not (Path.cwd() / MARKER).exists()
@@ -184,7 +158,7 @@ def test_a_rerun_of_a_finished_download_succeeds_and_fetches_nothing(
         script = response.read()
     cwd, dest = tmp_path / "run", tmp_path / "run" / "out"
     cwd.mkdir()
-    first = _run(script, dest, cwd, tool)
+    first = run_download_sh(script, dest, cwd, tool)
     assert first.returncode == 0, first.stdout + first.stderr
     files = Artifact.objects.filter(release__slug="llama-7b").count()
     # Each stream settles its charge, then writes its event, when it closes: wait for the last.
@@ -192,7 +166,7 @@ def test_a_rerun_of_a_finished_download_succeeds_and_fetches_nothing(
     charged = sorted(LinkUsage.objects.values_list("bytes_charged", flat=True))
     assert requests == files
 
-    again = _run(script, dest, cwd, tool)
+    again = run_download_sh(script, dest, cwd, tool)
 
     assert again.returncode == 0, again.stdout + again.stderr
     assert "FAILED" not in again.stdout + again.stderr

@@ -23,6 +23,7 @@ from django.core import mail
 
 from access.services import reviews
 from tests.conftest import require_tools
+from tests.weights.clients import run_download_sh
 from weights.models import Artifact, RecipientCopy, Release
 from weights.services import links
 from weights.services.fingerprinting import (
@@ -185,23 +186,7 @@ def test_download_sh_and_the_cli_verify_the_grantees_copy(
     mine = {c.artifact.path: c.sha256 for c in RecipientCopy.objects.filter(grant__user=alice)}
 
     with urllib.request.urlopen(url + "download.sh") as response:  # noqa: S310
-        (tmp_path / "download.sh").write_bytes(response.read())
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    other = "curl" if tool == "wget" else "wget"
-    for name in ("sh", tool, "mkdir", "dirname", "basename", "cat", "wc", "rm", "sed"):
-        if shutil.which(name) and name != other:
-            (bin_dir / name).symlink_to(shutil.which(name))
-    for name in ("md5sum", "sha256sum"):
-        (bin_dir / name).symlink_to(shutil.which(name))
-    env = {**os.environ, "PATH": str(bin_dir), "NO_PROXY": "127.0.0.1"}
-    run = subprocess.run(
-        ["sh", "./download.sh", str(tmp_path / "sh")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+        run = run_download_sh(response.read(), tmp_path / "sh", tmp_path, tool)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "downloaded and verified" in run.stdout
     for path, digest in mine.items():

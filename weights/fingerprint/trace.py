@@ -263,7 +263,10 @@ def _as_float32(tensor: Tensor) -> np.ndarray:
 
 
 def _weight_files(paths: Iterable[str | Path]) -> list[Path]:
-    found: dict[Path, None] = {}
+    """The weight files named or in the directories named, each once. A file is known by the
+    name it was given: the Hugging Face cache links ``model.safetensors`` to a blob named by
+    its hash, with no suffix to go by."""
+    found: dict[Path, Path] = {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -279,10 +282,10 @@ def _weight_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise TraceError(ERR_NO_PATH.format(path=path))
         for f in files:
-            found[f.resolve()] = None
+            found.setdefault(f.resolve(), f.absolute())
     if not found:
         raise TraceError(ERR_NO_PATHS)
-    return list(found)
+    return list(found.values())
 
 
 class _SafetensorsFile(Mapping[str, Tensor]):
