@@ -7,7 +7,10 @@ token, and `hf download`, `snapshot_download`, `hf_hub_download` and transformer
     GET  /api/whoami-v2                                who the token belongs to
     HEAD|GET /<ns>/<slug>/resolve/<rev>/<path>         a file (Range, 302 to S3)
 
-Repo info is public, as a gated repo's is on the Hub; files need a grant. A file request
+Repo info is public, as a gated repo's is on the Hub; files need a grant. In a
+fingerprinted release the listings (siblings, tree) name the bytes the caller receives: a
+grantee's own SHA-256 for each file that differs per recipient; for anyone else, or while
+the grantee's copy is prepared, that file's size and no `lfs`. A file request
 goes through weights.serving.deliver, the same checks, budget, events and serving as a
 /d/<token>/ link; only the errors differ: the headers the client turns into
 RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError and GatedRepoError.
@@ -34,6 +37,7 @@ from weights.services.hub_access import (
     BadCredentials,
     EntryNotFound,
     HubRefused,
+    caller_grant,
     hub_link,
     repo_file,
     repo_files,
@@ -119,22 +123,50 @@ def _hub_timestamp(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
-def _blob_id(artifact: Artifact) -> str:
-    """A stable 40-hex id per file content, where the Hub gives the git blob's."""
-    return hashlib.sha1(artifact.sha256.encode(), usedforsecurity=False).hexdigest()
+def _listing(
+    release: Release, user: AbstractBaseUser | AnonymousUser
+) -> list[tuple[Artifact, str]]:
+    """Each file with the SHA-256 of the bytes this caller receives, "" where there are none
+    to name: in a fingerprinted release a grantee's own copy's, and nothing for a file that
+    differs per recipient while their copy is being prepared (resolve answers 503 until
+    then) or when the caller has no grant. Nobody receives the original's bytes, and its
+    checksum is the one value that identifies them, so it is never listed."""
+    files = repo_files(release)
+    if not release.fingerprinted:
+        return [(a, a.sha256) for a in files]
+    grant = caller_grant(user, release)
+    if grant is not None:
+        return [(a, sha) for a, (sha, _md5) in fingerprinting.served_checksums(grant, files)]
+    return [(a, "" if fingerprinting.differs_per_recipient(a) else a.sha256) for a in files]
 
 
-def _sibling(artifact: Artifact) -> dict:
+def _blob_id(artifact: Artifact, sha256: str, commit: str) -> str:
+    """A stable 40-hex id per file content, where the Hub gives the git blob's. Content we
+    do not name gets an id of its path at this commit: the tree needs one, and it must not
+    be derived from the original's checksum."""
+    seed = sha256 or f"{commit}\0{artifact.repo_path}\0own-copy"
+    return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()
+
+
+def _lfs(artifact: Artifact, sha256: str, key: str) -> dict:
+    """The `lfs` member of a listing, or none: huggingface_hub reads a file without it as
+    a plain git file (RepoSibling.lfs / RepoFile.lfs None) and downloads it all the same."""
+    if not sha256:
+        return {}
+    return {"lfs": {key: sha256, "size": artifact.size, "pointerSize": LFS_POINTER_SIZE}}
+
+
+def _sibling(artifact: Artifact, sha256: str, commit: str) -> dict:
     return {
         "rfilename": artifact.repo_path,
-        "size": artifact.size,
-        "blobId": _blob_id(artifact),
-        "lfs": {"sha256": artifact.sha256, "size": artifact.size, "pointerSize": LFS_POINTER_SIZE},
+        "size": artifact.size,  # a grantee's copy has the original's length
+        "blobId": _blob_id(artifact, sha256, commit),
+        **_lfs(artifact, sha256, "sha256"),
     }
 
 
-def _model_info(release: Release, commit: str) -> dict:
-    files = repo_files(release)
+def _model_info(release: Release, commit: str, listing: list[tuple[Artifact, str]]) -> dict:
+    files = [a for a, _sha in listing]
     has_transformers = any(a.variant == Artifact.Variant.TRANSFORMERS for a in files)
     namespace = repo_id(release).split("/")[0]
     return {
@@ -142,6 +174,8 @@ def _model_info(release: Release, commit: str) -> dict:
         "id": repo_id(release),
         "modelId": repo_id(release),
         "author": namespace,
+        # One commit for every caller, as for `resolve`'s X-Repo-Commit: it names the
+        # release's files, and a grantee's own bytes are told apart by their ETag.
         "sha": commit,
         "lastModified": _hub_timestamp(release.published_at),
         "createdAt": _hub_timestamp(release.created_at),
@@ -156,25 +190,25 @@ def _model_info(release: Release, commit: str) -> dict:
         + (["transformers"] if has_transformers else []),
         "cardData": {"license": "other", "license_name": "noncommercial research license"},
         "usedStorage": sum(a.size for a in files),
-        "siblings": [_sibling(a) for a in files],
+        "siblings": [_sibling(a, sha, commit) for a, sha in listing],
     }
 
 
 @safe_methods
 def model_info(request: HttpRequest, namespace: str, name: str, revision: str = "main"):
     try:
-        _caller(request)  # public, but a bad token is still refused
+        caller = _caller(request)  # public, but a bad token is still refused
         release = repo_release(namespace, name)
         commit = revision_check(release, revision)
     except HubRefused as error:
         return _hub_error(request, error)
-    return JsonResponse(_model_info(release, commit))
+    return JsonResponse(_model_info(release, commit, _listing(release, caller.user)))
 
 
 @safe_methods
 def tree(request: HttpRequest, namespace: str, name: str, revision: str, path: str = ""):
     try:
-        _caller(request)
+        caller = _caller(request)
         release = repo_release(namespace, name)
         commit = revision_check(release, revision)
     except HubRefused as error:
@@ -183,7 +217,7 @@ def tree(request: HttpRequest, namespace: str, name: str, revision: str, path: s
     recursive = request.GET.get("recursive", "").lower() in ("1", "true")
     prefix = f"{folder}/" if folder else ""
     entries: dict[str, dict] = {}
-    for artifact in repo_files(release):
+    for artifact, sha256 in _listing(release, caller.user):
         if not artifact.repo_path.startswith(prefix):
             continue
         rest = artifact.repo_path.removeprefix(prefix)
@@ -200,14 +234,10 @@ def tree(request: HttpRequest, namespace: str, name: str, revision: str, path: s
         if len(parts) == 1 or recursive:
             entries[artifact.repo_path] = {
                 "type": "file",
-                "oid": _blob_id(artifact),
+                "oid": _blob_id(artifact, sha256, commit),
                 "size": artifact.size,
                 "path": artifact.repo_path,
-                "lfs": {
-                    "oid": artifact.sha256,
-                    "size": artifact.size,
-                    "pointerSize": LFS_POINTER_SIZE,
-                },
+                **_lfs(artifact, sha256, "oid"),
             }
     if folder and not entries:
         return _hub_error(

@@ -130,6 +130,14 @@ def repo_file(release: Release, path: str, commit: str) -> Artifact:
     return artifact
 
 
+def caller_grant(user: AbstractBaseUser | AnonymousUser, release: Release) -> Grant | None:
+    """The user's live grant of `release`: whose bytes the Hub door serves and lists."""
+    if not user.is_authenticated:
+        return None
+    live = Grant.objects.filter(user=user, release=release, revoked_at__isnull=True)
+    return live.select_related("release").first()
+
+
 def hub_link(user: AbstractBaseUser | AnonymousUser, release: Release) -> DownloadLink:
     """The checked link `user` downloads `release` through; raises GatedRepo saying why not
     (with the link's own refusal as `refusal` when the grant has a link)."""
@@ -137,7 +145,7 @@ def hub_link(user: AbstractBaseUser | AnonymousUser, release: Release) -> Downlo
         raise SignInRequired(
             SIGN_IN.format(repo=repo_id(release), url=_site("/account/api-tokens/"))
         )
-    grant = Grant.objects.filter(user=user, release=release, revoked_at__isnull=True).first()
+    grant = caller_grant(user, release)
     if grant is None:
         decision = can_use_release(user, release)  # says why: pending, revoked, none
         raise GatedRepo(_with_action(decision.message, decision.action_url))
