@@ -261,3 +261,44 @@ def test_an_operator_marks_a_release_in_the_admin_and_the_grant_shows_it(
     assert ALREADY_GRANTED.format(release=other, n=1) in response.content.decode()
     other.refresh_from_db()
     assert not other.fingerprinted
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("door", ["review API approval", "review API direct grant"])
+def test_every_granting_door_prepares_the_copy_before_the_link(
+    client, release, alice, reviewer, make_submitted, door
+):
+    from rest_framework.test import APIClient
+
+    from access.tokens import token_create
+    from tests.twofactor import activate_totp
+
+    activate_totp(reviewer)  # reviewer doors need a second factor, as always
+    api = APIClient()
+    secret = token_create(user=reviewer, name="scripts", second_factor=True).secret
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    sent = len(mail.outbox)
+    if door == "review API approval":
+        application = make_submitted(alice, slugs=("llama-7b",))
+        url, body = (
+            f"/api/review/applications/{application.pk}/approve/",
+            {"releases": ["llama-7b"]},
+        )
+    else:
+        from access.models import LicenseVersion
+        from tests.factories import accept_license
+
+        accept_license(alice, LicenseVersion.objects.get(version="1"))  # before it downloads
+        url = "/api/review/grants/"
+        body = {"user": alice.email, "release": "llama-7b", "reason": "Collaborator."}
+    response = api.post(url, body, format="json")
+    assert response.status_code in (200, 201), response.content
+
+    [message] = [m for m in mail.outbox[sent:] if "download link" in m.subject]
+    token = re.search(r"/d/([A-Za-z0-9_-]{32})/", message.body).group(1)
+    own = RecipientCopy.objects.get(grant__user=alice, artifact=artifact(release, SHARD))
+    assert own.state == "ready"
+    response = client.get(f"/d/{token}/{SHARD}")
+    assert response.status_code == 200
+    served = b"".join(response.streaming_content)
+    assert sha256(served) == own.sha256 != artifact(release, SHARD).sha256
