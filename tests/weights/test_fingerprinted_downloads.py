@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from weights.services import links
 from weights.services.fingerprinting import (
     ALREADY_GRANTED,
     FingerprintRefused,
+    grant_code,
     release_mark_fingerprinted,
 )
 from weights.services.publishing import release_publish
@@ -80,8 +82,9 @@ def one_ulp_apart(original: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.django_db(transaction=True)
 def test_each_grantee_gets_their_own_verified_copy(
-    client, release, alice, bob, reviewer, make_submitted
+    client, release, alice, bob, reviewer, make_submitted, caplog
 ):
+    caplog.set_level(logging.DEBUG)
     alice_token = approve(alice, make_submitted, reviewer, release)
     bob_token = approve(bob, make_submitted, reviewer, release)
     shard = artifact(release, SHARD)
@@ -132,6 +135,13 @@ def test_each_grantee_gets_their_own_verified_copy(
     assert head["ETag"] == f'"{alice_copy.sha256}"'
     landing = client.get(f"/d/{alice_token}/").content.decode()
     assert alice_copy.sha256 in landing and 'id="fingerprinted"' in landing
+
+    # Secrets never reach the logs: not the release key, not a grantee's code.
+    grant = release.grants.get(user=alice)
+    secrets = (bytes(grant.release.fingerprint_key), grant_code(grant))
+    assert caplog.records  # the approval, the task and the downloads did log
+    for secret in secrets:
+        assert secret.hex() not in caplog.text and repr(secret) not in caplog.text
 
 
 @pytest.mark.django_db(transaction=True)
