@@ -5,7 +5,6 @@ portal serves them, and the CLI and download.sh create them, verified, under the
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -17,8 +16,8 @@ from access.services.reviews import application_approve
 from tests.conftest import require_tools
 from tests.servers import wait_for
 from tests.weights import test_download_cli
+from tests.weights.clients import run_download_sh
 from tests.weights.test_download_cli import FAST, assert_files, run_cli
-from tests.weights.test_download_script import _tool_dir
 from weights.download import Options, main
 from weights.models import DownloadEvent, LinkUsage
 from weights.services.links import link_issue
@@ -125,14 +124,9 @@ def test_download_sh_creates_empty_files_and_a_rerun_finds_them_complete(live_li
         script = response.read()
     cwd, dest = tmp_path / "run", tmp_path / "run" / "out"
     cwd.mkdir()
-    (cwd / "download.sh").write_bytes(script)
-    other = "curl" if tool == "wget" else "wget"
-    env = {**os.environ, "PATH": str(_tool_dir(cwd, other)), "NO_PROXY": "127.0.0.1"}
 
     def run() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["sh", "./download.sh", str(dest)], cwd=cwd, env=env, capture_output=True, text=True
-        )
+        return run_download_sh(script, dest, cwd, tool)
 
     first = run()
     assert first.returncode == 0, first.stdout + first.stderr
