@@ -209,6 +209,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "weights.tasks.flush_download_events",
         "schedule": 60.0,
     },
+    # Revoked grantees' fingerprinted copies written to storage (weights.tasks).
+    "delete-revoked-fingerprinted-copies": {
+        "task": "weights.tasks.delete_revoked_copies",
+        "schedule": 900.0,
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -489,6 +494,21 @@ WEIGHTS_EXPIRED_LINK_GRACE_HOURS = envint("WEIGHTS_EXPIRED_LINK_GRACE_HOURS", 24
 # The periodic re-check flags links (and all links of a grant) used from more than
 # WEIGHTS_LINK_MAX_IPS addresses within this window.
 WEIGHTS_LINK_FLAG_WINDOW_HOURS = envint("WEIGHTS_LINK_FLAG_WINDOW_HOURS", 48, minimum=1)
+# Fingerprinted releases on S3 (docs/fingerprinting.md, "With S3 storage"): each grantee's
+# copy is written into the bucket, a full copy of the release per grant, and redirected to
+# like any file. Off, such a release cannot be marked. The originals the copies are computed
+# from are downloaded once into WEIGHTS_FINGERPRINT_CACHE (verified, content-addressed).
+WEIGHTS_FINGERPRINT_MATERIALISE = envbool("WEIGHTS_FINGERPRINT_MATERIALISE", False)
+# Preparing a grantee's copy (weights.tasks.prepare_recipient_copies) runs apart from the
+# link task, with its own time limit: hashing (or writing out) a 65B release takes minutes
+# to an hour. One run per grant, held for WEIGHTS_FINGERPRINT_LOCK_S and renewed per file.
+WEIGHTS_FINGERPRINT_PREPARE_LIMIT_S = envint(
+    "WEIGHTS_FINGERPRINT_PREPARE_LIMIT_S", 6 * 3600, minimum=60
+)
+WEIGHTS_FINGERPRINT_LOCK_S = envint("WEIGHTS_FINGERPRINT_LOCK_S", 1800, minimum=60)
+WEIGHTS_FINGERPRINT_CACHE = Path(
+    envstr("WEIGHTS_FINGERPRINT_CACHE", str(VAR_DIR / "fingerprint-originals"))
+)
 
 # --- Hosted demo -----------------------------------------------------------------
 # slug=directory pairs of Meta-layout releases the demo worker holds.

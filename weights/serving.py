@@ -298,8 +298,10 @@ def deliver(
     conditional and range requests, the budget, the event, and the bytes from local
     storage, nginx (X-Accel) or S3 (a presigned redirect). In a fingerprinted release a
     weight file is the grantee's own copy: its checksum is the ETag, and its bytes are
+    either written to storage under a key of its own (then served as any stored file) or
     computed and streamed by the portal."""
     own = fingerprinting.is_own_copy(link.grant, artifact)
+    key = artifact.storage_key
     if own:
         copy = fingerprinting.served_copy(link.grant, artifact)
         if copy is None:
@@ -309,7 +311,7 @@ def deliver(
             )
             refused["Retry-After"] = "60"
             return refused
-        etag = f'"{copy.sha256}"'
+        etag, key = f'"{copy.sha256}"', copy.storage_key
     else:
         etag = f'"{artifact.sha256}"'
     if request.method == "HEAD":  # Range does not apply to HEAD; nothing is charged
@@ -329,18 +331,18 @@ def deliver(
         response["Content-Range"] = f"bytes */{artifact.size}"
         return response
 
+    if own and not key:  # computed per request: neither nginx nor S3 holds these bytes
+        return _serve_local(request, visit, None, link, artifact, byte_range, etag, door, own=own)
     storage = get_storage()
     try:
-        local = storage.local_path(artifact.storage_key)
+        local = storage.local_path(key)
     except StorageError:
         logger.exception("artifact %s has an unusable storage key", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
-    if own:  # computed per request: neither nginx nor S3 holds these bytes
-        return _serve_local(request, visit, local, link, artifact, byte_range, etag, door, own=own)
     if local is None:
-        return _serve_redirect(request, visit, storage, link, artifact, byte_range, door)
+        return _serve_redirect(request, visit, storage, link, artifact, key, byte_range, door)
     if settings.WEIGHTS_X_ACCEL_PREFIX:
-        return _serve_accel(request, visit, link, artifact, byte_range, etag, door)
+        return _serve_accel(request, visit, link, artifact, key, byte_range, etag, door)
     return _serve_local(request, visit, local, link, artifact, byte_range, etag, door)
 
 
@@ -383,7 +385,7 @@ def _serve_local(
     start, length = (byte_range.start, byte_range.length) if byte_range else (0, artifact.size)
     try:
         handle = fingerprinting.open_copy(link.grant, artifact) if own else local.open("rb")
-    except (OSError, fingerprinting.FingerprintRefused):
+    except (OSError, StorageError, fingerprinting.FingerprintRefused):
         logger.exception("artifact %s is missing from local storage", artifact.pk)
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
     flow = FlowingCharge.begin(
@@ -501,11 +503,13 @@ def _serve_accel(
     visit: Visit,
     link: DownloadLink,
     artifact: Artifact,
+    key: str,
     byte_range: ByteRange | None,
     etag: str,
     door: Door,
 ) -> HttpResponse:
-    """nginx sends the bytes (and applies the Range itself); we charge the authorised range."""
+    """nginx sends the bytes under `key` (and applies the Range itself); we charge the
+    authorised range."""
     if request.headers.get("If-Range") is not None:
         # nginx checks If-Range against its own ETag, never ours, and sends the whole file.
         byte_range = None
@@ -516,25 +520,25 @@ def _serve_accel(
     nbytes = span[1] - span[0]
     visit.record(link=link, artifact=artifact, nbytes=nbytes, status=status, outcome=Outcome.SERVED)
     response = _file_headers(HttpResponse(b""), artifact, etag, None, door)
-    response["X-Accel-Redirect"] = settings.WEIGHTS_X_ACCEL_PREFIX + quote(artifact.storage_key)
+    response["X-Accel-Redirect"] = settings.WEIGHTS_X_ACCEL_PREFIX + quote(key)
     return response
 
 
 REACHABLE_CACHE_SECONDS = 10
 
 
-def _object_reachable(storage, artifact: Artifact) -> bool:
-    """HEAD the object at most every few seconds per file; False when storage is down."""
-    key = f"weights:reachable:{artifact.storage_key}"
-    if cache.get(key):
+def _object_reachable(storage, artifact: Artifact, key: str) -> bool:
+    """HEAD the object at most every few seconds per key; False when storage is down."""
+    cache_key = f"weights:reachable:{key}"
+    if cache.get(cache_key):
         return True
     try:
-        present = storage.size_of(artifact.storage_key) is not None
+        present = storage.size_of(key) is not None
     except StorageError:
         logger.warning("weight storage unreachable for artifact %s", artifact.pk, exc_info=True)
         return False
     if present:
-        cache.set(key, True, REACHABLE_CACHE_SECONDS)
+        cache.set(cache_key, True, REACHABLE_CACHE_SECONDS)
     return present
 
 
@@ -544,13 +548,15 @@ def _serve_redirect(
     storage,
     link: DownloadLink,
     artifact: Artifact,
+    key: str,
     byte_range: ByteRange | None,
     door: Door,
 ) -> HttpResponse:
-    """S3: a presigned GET minted now, valid for minutes; we charge the authorised range."""
+    """S3: a presigned GET of `key` minted now, valid for minutes; we charge the authorised
+    range."""
     span = (byte_range.start, byte_range.end + 1) if byte_range else (0, artifact.size)
     nbytes = span[1] - span[0]
-    if not _object_reachable(storage, artifact):
+    if not _object_reachable(storage, artifact, key):
         # Presigning is local: without this a bucket outage would charge for bytes that
         # can never arrive.
         return _refuse_file(request, visit, unavailable(), link=link, artifact=artifact, door=door)
@@ -560,7 +566,7 @@ def _serve_redirect(
         return _refuse_budget(request, visit, link, artifact, door)
     try:
         url = storage.presigned_get(
-            artifact.storage_key,
+            key,
             expires_in=settings.WEIGHTS_PRESIGN_SECONDS,
             filename=posixpath.basename(artifact.path),
             # Signed in exactly as the client sent it: the client repeats it to S3.

@@ -15,7 +15,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 from urllib.parse import quote
 
 import boto3
@@ -33,6 +33,11 @@ from django.conf import settings
 from django.core.signals import setting_changed
 
 Progress = Callable[[int], object]
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
 
 _COPY_CHUNK = 8 * 1024 * 1024
 # S3 allows at most 10,000 parts per upload; stay clear of it for very large files.
@@ -70,6 +75,11 @@ class WeightStorage(ABC):
         """Store `source` under `key`; False (and no transfer) when an object of `size` is there."""
 
     @abstractmethod
+    def put_stream(self, key: str, stream: Readable, *, size: int) -> None:
+        """Store what `stream` yields under `key`, read once from start to end (so the caller
+        may hash as it reads); StorageError unless exactly `size` bytes were stored."""
+
+    @abstractmethod
     def size_of(self, key: str) -> int | None:
         """The stored object's size, or None when there is none."""
 
@@ -103,25 +113,34 @@ class LocalStorage(WeightStorage):
         return path
 
     def put(self, key: str, source: Path, *, size: int, progress: Progress | None = None) -> bool:
-        target = self._path(key)
         if self.size_of(key) == size:
             return False
+        with open(source, "rb") as src:
+            self._write(key, src, size=size, what=source, progress=progress)
+        return True
+
+    def put_stream(self, key: str, stream: Readable, *, size: int) -> None:
+        self._write(key, stream, size=size, what=key)
+
+    def _write(
+        self, key: str, src: Readable, *, size: int, what: object, progress: Progress | None = None
+    ) -> None:
+        target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename, so a crash never leaves a half file under the key.
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            with os.fdopen(fd, "wb") as out:
                 copied = _copy(src, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
             if copied != size:
-                raise StorageError(f"{source} is {copied} bytes, expected {size}: did it change?")
+                raise StorageError(f"{what} is {copied} bytes, expected {size}: did it change?")
             os.replace(tmp_name, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        return True
 
     def size_of(self, key: str) -> int | None:
         try:
@@ -144,7 +163,7 @@ class LocalStorage(WeightStorage):
         return open(self._path(key), "rb")  # noqa: SIM115 - the caller closes it
 
 
-def _copy(src: IO[bytes], out: IO[bytes], progress: Progress | None) -> int:
+def _copy(src: Readable, out: IO[bytes], progress: Progress | None) -> int:
     copied = 0
     while chunk := src.read(_COPY_CHUNK):
         out.write(chunk)
@@ -213,26 +232,47 @@ class S3Storage(WeightStorage):
         validate_key(key)
         if self.size_of(key) == size:
             return False
-        chunk = max(self.multipart_threshold, math.ceil(size / _MAX_PARTS))
-        config = TransferConfig(
-            multipart_threshold=self.multipart_threshold,
-            multipart_chunksize=chunk,
-            max_concurrency=4,
-        )
         with self._errors("upload", key):
             self.client.upload_file(
                 str(source),
                 self.bucket,
                 key,
                 ExtraArgs={"ContentType": "application/octet-stream"},
-                Config=config,
+                Config=self._transfer_config(size),
                 Callback=progress,
             )
+        self._check_stored(key, size, source)
+        return True
+
+    def _transfer_config(self, size: int) -> TransferConfig:
+        chunk = max(self.multipart_threshold, math.ceil(size / _MAX_PARTS))
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=chunk,
+            max_concurrency=4,
+        )
+
+    def _check_stored(self, key: str, size: int, what: object) -> None:
         stored = self.size_of(key)
         if stored != size:
             self.delete(key)
-            raise StorageError(f"{source} uploaded as {stored} bytes, expected {size}")
-        return True
+            raise StorageError(f"{what} uploaded as {stored} bytes, expected {size}")
+
+    def put_stream(self, key: str, stream: Readable, *, size: int) -> None:
+        validate_key(key)
+        config = self._transfer_config(size)
+        # A stream's parts wait in memory until sent (10 by default): keep fewer.
+        config.max_in_memory_upload_chunks = config.max_concurrency
+        with self._errors("upload", key):
+            # Multipart, parts read in order: `stream` is read exactly once.
+            self.client.upload_fileobj(
+                _Sequential(stream),
+                self.bucket,
+                key,
+                ExtraArgs={"ContentType": "application/octet-stream"},
+                Config=config,
+            )
+        self._check_stored(key, size, key)
 
     def size_of(self, key: str) -> int | None:
         validate_key(key)
@@ -273,6 +313,23 @@ class S3Storage(WeightStorage):
         validate_key(key)
         with self._errors("open", key):
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+
+
+class _Sequential:
+    """Only `read`, returning all that was asked for until the end: s3transfer then reads
+    the stream once, in order (no seek back), and sizes every part as configured."""
+
+    def __init__(self, stream: Readable) -> None:
+        self._stream = stream
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self._stream.read()
+        parts, want = [], n
+        while want > 0 and (chunk := self._stream.read(want)):
+            parts.append(chunk)
+            want -= len(chunk)
+        return b"".join(parts)
 
 
 def content_disposition(filename: str) -> str:

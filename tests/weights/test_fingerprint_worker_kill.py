@@ -75,6 +75,7 @@ def test_a_killed_worker_leaves_the_rest_to_the_next_run(
         application=application, reviewer=reviewer, releases=[release]
     )
     assert queued == [grant.pk]
+    monkeypatch.undo()
 
     env = process_env(
         {
@@ -102,7 +103,7 @@ def test_a_killed_worker_leaves_the_rest_to_the_next_run(
     # The periodic sweep finds the grant without a link and finishes the job.
     from weights.tasks import issue_missing_links
 
-    assert issue_missing_links() == 1
+    issue_missing_links()
     copies = {c.artifact.path: c for c in RecipientCopy.objects.filter(grant=grant)}
     assert sorted(copies) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth"]
     assert all(c.state == "ready" for c in copies.values())
@@ -121,3 +122,31 @@ def test_a_killed_worker_leaves_the_rest_to_the_next_run(
     sent = [m for m in mail.outbox if "download link" in m.subject]
     assert len(sent) == 1 and sent[0].to == [alice.email]
     assert re.search(r"/d/[A-Za-z0-9_-]{32}/", sent[0].body)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_preparing_run_per_grant_and_not_on_the_mail_queue(
+    store, releases, alice, reviewer, make_submitted, tmp_path, monkeypatch, settings
+):
+    from weights.tasks import prepare_recipient_copies
+
+    source = tmp_path / "src"
+    shutil.copytree(DEMO, source)
+    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    release = release_mark_fingerprinted(release=release)
+    monkeypatch.setattr("weights.tasks.issue_download_link.delay", lambda grant_id: None)
+    application = make_submitted(alice, slugs=("llama-7b",))
+    [grant] = reviews.application_approve(
+        application=application, reviewer=reviewer, releases=[release]
+    )
+    with fingerprinting.preparing(grant.pk) as first:
+        assert first
+        assert prepare_recipient_copies(grant.pk) == 0  # the sweep asking again meanwhile
+        assert not RecipientCopy.objects.filter(grant=grant).exists()
+    assert prepare_recipient_copies(grant.pk) == 3
+    assert prepare_recipient_copies(grant.pk) == 0  # nothing left to do
+    # Its own limits, far above the link task's, and the default queue, not the mail one.
+    task = prepare_recipient_copies
+    assert task.soft_time_limit == settings.WEIGHTS_FINGERPRINT_PREPARE_LIMIT_S > 3600
+    assert task.time_limit > task.soft_time_limit
+    assert task.name not in settings.CELERY_TASK_ROUTES

@@ -164,8 +164,11 @@ def test_until_the_copy_is_prepared_nothing_is_served_or_sent(
 
     from weights.tasks import issue_download_link
 
-    assert issue_download_link(grant.pk) is True  # prepares, then emails
+    sent = len(mail.outbox)
+    assert issue_download_link(grant.pk) is False  # the copy first, by its own task...
     assert RecipientCopy.objects.filter(grant=grant, state="ready").count() == 3
+    # ...which comes back to the link task when done (eager here): one link email.
+    assert [m.to for m in mail.outbox[sent:] if "download link" in m.subject] == [[alice.email]]
 
 
 @pytest.mark.django_db(transaction=True)

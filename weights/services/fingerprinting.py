@@ -11,27 +11,36 @@ The rules, in one place for the admin, ``publish_release`` and the API:
   copies that name nobody), and never unmarked (the copies already out stay traceable);
 - a grant's link is emailed only once its copies' checksums are ready
   (``copies_ready``), so ``md5sum -c``, the CLI and the Hub client check the grantee's own
-  bytes from the first download on.
+  bytes from the first download on;
+- with WEIGHTS_FINGERPRINT_MATERIALISE each copy is also written to storage under a key of
+  its grant's (``copy_key``) and then served like any stored file (a presigned redirect on
+  S3); without it the portal computes the bytes per request, which needs the originals on
+  this machine, so a release in S3 cannot be marked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import io
 import json
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
 from access.models import Grant
 from weights.fingerprint.keys import new_release_key, recipient_code
 from weights.models import Artifact, RecipientCopy, Release
+from weights.services.original_cache import cached_original
+from weights.services.stored_copies import Hashing, copy_key
 from weights.storage import get_storage
 
 if TYPE_CHECKING:  # the layouts read checkpoints with torch's rules: loaded on first use,
@@ -100,6 +109,33 @@ def copies_ready(grant: Grant) -> bool:
     return ready == len(needed)
 
 
+def copies_pending(grant_id: int) -> bool:
+    """Whether an active grant's link still waits for files of its own copy."""
+    grant = Grant.objects.select_related("release").filter(pk=grant_id).first()
+    return grant is not None and grant.revoked_at is None and not copies_ready(grant)
+
+
+PREPARING_KEY = "weights:fingerprint:preparing:{grant_id}"
+
+
+@contextlib.contextmanager
+def preparing(grant_id: int) -> Iterator[bool]:
+    """True for the one run that prepares this grant's copy now; False when another holds
+    it. Held for WEIGHTS_FINGERPRINT_LOCK_S and renewed after each file (``copies_prepare``),
+    so a run that was killed lets the next one in within that time."""
+    key = PREPARING_KEY.format(grant_id=grant_id)
+    mine = cache.add(key, 1, settings.WEIGHTS_FINGERPRINT_LOCK_S)
+    try:
+        yield bool(mine)
+    finally:
+        if mine:
+            cache.delete(key)
+
+
+def _renew(grant_id: int) -> None:
+    cache.touch(PREPARING_KEY.format(grant_id=grant_id), settings.WEIGHTS_FINGERPRINT_LOCK_S)
+
+
 def served_checksums(
     grant: Grant, artifacts: list[Artifact]
 ) -> list[tuple[Artifact, tuple[str, str]]]:
@@ -144,8 +180,10 @@ def recipient_checksums(grant: Grant) -> dict[int, RecipientCopy]:
 # --- a grantee's bytes ---------------------------------------------------------------------
 
 NOT_LOCAL = (
-    "{release} is stored in S3: fingerprinted copies are computed from local storage only "
-    "(WEIGHTS_STORAGE=local); see docs/fingerprinting.md"
+    "{release} is stored in S3, where the portal cannot compute each grantee's copy per "
+    "request: set WEIGHTS_FINGERPRINT_MATERIALISE=1 to write every grantee's copy into the "
+    "bucket (one full copy of the release per grant), or use WEIGHTS_STORAGE=local; see "
+    'docs/fingerprinting.md, "With S3 storage"'
 )
 PREPARING = (
     "Your own copy of {release} is being prepared: its checksums are computed before the "
@@ -154,11 +192,21 @@ PREPARING = (
 
 
 def original_path(artifact: Artifact) -> Path:
-    """The published file on this machine's disk, where fingerprinted bytes are computed from."""
+    """The published file on this machine's disk, where fingerprinted bytes are computed
+    (and leaks traced) from: the stored file itself, or its verified download (S3)."""
     path = get_storage().local_path(artifact.storage_key)
-    if path is None:
+    return cached_original(artifact) if path is None else path
+
+
+def materialises() -> bool:
+    """Whether each grantee's copy is written to storage, then served as a stored file."""
+    return settings.WEIGHTS_FINGERPRINT_MATERIALISE
+
+
+def _check_servable(artifact: Artifact) -> None:
+    """A copy is computed per request only from local storage; S3 needs it written out."""
+    if not materialises() and get_storage().local_path(artifact.storage_key) is None:
         raise FingerprintRefused(NOT_LOCAL.format(release=artifact.release))
-    return path
 
 
 @functools.lru_cache(maxsize=256)
@@ -199,9 +247,11 @@ def check_release(release: Release) -> None:
     from weights.fingerprint.embed import check_embeddable
     from weights.fingerprint.layout import LayoutError
 
-    for artifact in release.artifacts.all():
-        if differs_per_recipient(artifact) and not _is_checklist(artifact):
-            original_path(artifact)
+    differing = [a for a in release.artifacts.all() if differs_per_recipient(a)]
+    for artifact in differing:  # before any download: S3 without the option is refused
+        _check_servable(artifact)
+    for artifact in differing:
+        if not _is_checklist(artifact):
             try:
                 check_embeddable(_layout(artifact.pk))
             except LayoutError as exc:
@@ -282,45 +332,60 @@ def served_copy(grant: Grant, artifact: Artifact) -> RecipientCopy | None:
     ).first()
 
 
-def _digests(handle: BinaryIO) -> tuple[str, str]:
-    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+def _prepare(grant: Grant, artifact: Artifact) -> tuple[str, str, str]:
+    """The grantee's (SHA-256, MD5, storage key) of one file: checksums only, or the copy
+    written to storage as it is hashed."""
+    _check_servable(artifact)
+    handle = open_copy(grant, artifact)
+    hashing = Hashing(handle)
     try:
-        while chunk := handle.read(CHUNK):
-            sha256.update(chunk)
-            md5.update(chunk)
+        if not materialises():
+            while hashing.read(CHUNK):
+                pass
+            return (*hashing.digests(), "")
+        key = copy_key(grant, artifact)
+        get_storage().put_stream(key, hashing, size=artifact.size)
+        return (*hashing.digests(), key)
     finally:
         handle.close()
-    return sha256.hexdigest(), md5.hexdigest()
+
+
+def _done(copy: RecipientCopy | None) -> bool:
+    """A ready copy needs nothing more, unless copies are written out and this one is not
+    (or its object is gone): then it is written now."""
+    if copy is None or copy.state != RecipientCopy.State.READY:
+        return False
+    if not materialises():
+        return True
+    return bool(copy.storage_key) and get_storage().size_of(copy.storage_key) is not None
 
 
 def copies_prepare(*, grant_id: int) -> int:
-    """Compute the grantee's checksums of every file that differs per recipient.
+    """Compute the grantee's checksums of every file that differs per recipient, and with
+    WEIGHTS_FINGERPRINT_MATERIALISE write each copy to storage in the same pass.
 
     Idempotent and restartable: each file's row commits on its own, a ready row is never
     recomputed, so a worker killed halfway leaves the rest to the next run. The checklist
-    comes last, from the weight files' MD5s. Returns how many files were prepared now."""
+    comes last, from the weight files' MD5s. A failure is written on the file's row (the
+    grant's admin page shows it) and raised, so the task retries. Returns how many files
+    were prepared now."""
     grant = Grant.objects.select_related("release").get(pk=grant_id)
     if not grant.release.fingerprinted or grant.revoked_at is not None:
         return 0
-    ready = set(
-        RecipientCopy.objects.filter(grant=grant, state=RecipientCopy.State.READY).values_list(
-            "artifact_id", flat=True
-        )
-    )
+    copies = {c.artifact_id: c for c in RecipientCopy.objects.filter(grant=grant)}
     todo = [a for a in grant.release.artifacts.all() if differs_per_recipient(a)]
     todo.sort(key=_is_checklist)  # weights first: the checklist lists their MD5s
     prepared = 0
     for artifact in todo:
-        if artifact.pk in ready:
+        if _done(copies.get(artifact.pk)):
             continue
         try:
-            sha256, md5 = _digests(open_copy(grant, artifact))
+            sha256, md5, key = _prepare(grant, artifact)
         except Exception as exc:
-            RecipientCopy.objects.update_or_create(
-                grant=grant,
-                artifact=artifact,
-                defaults={"state": RecipientCopy.State.FAILED, "error": f"{exc}"[:2000]},
-            )
+            failed = {"state": RecipientCopy.State.FAILED, "error": f"{exc}"[:2000]}
+            if materialises():  # an object may be left under it: deleted on revocation
+                failed["storage_key"] = copy_key(grant, artifact)
+            RecipientCopy.objects.update_or_create(grant=grant, artifact=artifact, defaults=failed)
             raise
         RecipientCopy.objects.update_or_create(
             grant=grant,
@@ -329,9 +394,11 @@ def copies_prepare(*, grant_id: int) -> int:
                 "state": RecipientCopy.State.READY,
                 "sha256": sha256,
                 "md5": md5,
+                "storage_key": key,
                 "error": "",
                 "prepared_at": timezone.now(),
             },
         )
         prepared += 1
+        _renew(grant.pk)
     return prepared
