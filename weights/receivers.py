@@ -27,3 +27,9 @@ def on_grant_created(sender, grant_id: int, **kwargs) -> None:
 @receiver(grant_revoked)
 def on_grant_revoked(sender, grant_id: int, **kwargs) -> None:
     links_revoke_for_grant(grant_id=grant_id)
+    from weights.tasks import delete_revoked_copies
+
+    try:  # a fingerprinted copy written to storage goes now, not at the next sweep
+        delete_revoked_copies.delay()
+    except Exception:
+        logger.warning("could not enqueue deleting revoked copies; the sweep will", exc_info=True)
