@@ -315,3 +315,48 @@ def test_every_granting_door_prepares_the_copy_before_the_link(
     assert response.status_code == 200
     served = b"".join(response.streaming_content)
     assert sha256(served) == own.sha256 != artifact(release, SHARD).sha256
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_release_marks_at_publish_time_and_refuses_after_a_grant(
+    local, releases, alice, reviewer, make_submitted, tmp_path
+):
+    from django.core.management import CommandError, call_command
+
+    source = tmp_path / "src"
+    shutil.copytree(DEMO, source)
+    out = io.StringIO()
+    call_command(
+        "publish_release", str(source), "--slug", "llama-7b", "--no-transformers",
+        "--fingerprinted", stdout=out,
+    )  # fmt: skip
+    assert "llama-7b is fingerprinted: each grantee gets their own copy." in out.getvalue()
+    release = Release.objects.get(slug="llama-7b")
+    assert release.fingerprinted and len(bytes(release.fingerprint_key)) == 32
+
+    # Marking the other catalogue release once it has a grant: refused, and why.
+    other = releases["llama-13b"]
+    application = make_submitted(alice, slugs=("llama-13b",))
+    reviews.application_approve(application=application, reviewer=reviewer, releases=[other])
+    with pytest.raises(CommandError) as refused:
+        call_command(
+            "publish_release", str(source), "--slug", "llama-13b", "--no-transformers",
+            "--fingerprinted", stdout=io.StringIO(),
+        )  # fmt: skip
+    assert str(refused.value) == ALREADY_GRANTED.format(release=other, n=1)
+    other.refresh_from_db()
+    assert not other.fingerprinted
+
+    # Weights that cannot carry a mark (float32) are refused at marking time, precisely.
+    f32 = tmp_path / "f32"
+    shutil.copytree(DEMO, f32)
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        state = torch.load(f32 / name, weights_only=True)
+        torch.save({k: v.float() for k, v in state.items()}, f32 / name)
+    (f32 / "checklist.chk").unlink()
+    with pytest.raises(CommandError, match="float32"):
+        call_command(
+            "publish_release", str(f32), "--slug", "llama-33b", "--no-transformers",
+            "--fingerprinted", stdout=io.StringIO(),
+        )  # fmt: skip
+    assert not Release.objects.get(slug="llama-33b").fingerprinted
