@@ -10,7 +10,8 @@ token, and `hf download`, `snapshot_download`, `hf_hub_download` and transformer
 Repo info is public, as a gated repo's is on the Hub; files need a grant. In a
 fingerprinted release the listings (siblings, tree) name the bytes the caller receives: a
 grantee's own SHA-256 for each file that differs per recipient; for anyone else, or while
-the grantee's copy is prepared, that file's size and no `lfs`. A file request
+the grantee's copy is prepared, that file's size and no `lfs`. Each grantee there sees a
+commit of their own, so grantees sharing one HF cache keep their own copies. A file request
 goes through weights.serving.deliver, the same checks, budget, events and serving as a
 /d/<token>/ link; only the errors differ: the headers the client turns into
 RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError and GatedRepoError.
@@ -174,8 +175,8 @@ def _model_info(release: Release, commit: str, listing: list[tuple[Artifact, str
         "id": repo_id(release),
         "modelId": repo_id(release),
         "author": namespace,
-        # One commit for every caller, as for `resolve`'s X-Repo-Commit: it names the
-        # release's files, and a grantee's own bytes are told apart by their ETag.
+        # The caller's commit, as `resolve`'s X-Repo-Commit: a grantee of a fingerprinted
+        # release has one of their own (hub_access.caller_commit).
         "sha": commit,
         "lastModified": _hub_timestamp(release.published_at),
         "createdAt": _hub_timestamp(release.created_at),
@@ -199,7 +200,7 @@ def model_info(request: HttpRequest, namespace: str, name: str, revision: str = 
     try:
         caller = _caller(request)  # public, but a bad token is still refused
         release = repo_release(namespace, name)
-        commit = revision_check(release, revision)
+        commit = revision_check(release, revision, caller.user)
     except HubRefused as error:
         return _hub_error(request, error)
     return JsonResponse(_model_info(release, commit, _listing(release, caller.user)))
@@ -210,7 +211,7 @@ def tree(request: HttpRequest, namespace: str, name: str, revision: str, path: s
     try:
         caller = _caller(request)
         release = repo_release(namespace, name)
-        commit = revision_check(release, revision)
+        commit = revision_check(release, revision, caller.user)
     except HubRefused as error:
         return _hub_error(request, error)
     folder = path.strip("/")
@@ -284,7 +285,7 @@ def resolve(request: HttpRequest, namespace: str, name: str, revision: str, path
     try:
         caller = _caller(request)
         release = repo_release(namespace, name)
-        commit = revision_check(release, revision)
+        commit = revision_check(release, revision, caller.user)
         artifact = repo_file(release, path, commit)
     except HubRefused as error:
         return _hub_error(request, error)

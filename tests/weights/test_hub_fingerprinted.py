@@ -229,3 +229,32 @@ def test_a_release_not_fingerprinted_lists_the_published_checksums(
             assert listed[path].blob_id == entries[path].blob_id == blob_id(artifact.sha256)
     got = hf_hub_download(repo(), SHARD, endpoint=url, token=token, cache_dir=tmp_path / "c")
     assert sha256(Path(got).read_bytes()) == published[SHARD].sha256
+
+
+def test_grantees_sharing_one_hf_cache_each_get_their_own_copy(
+    url, release, alice, bob, reviewer, make_submitted, tmp_path
+):
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    tokens = {u: grant_to(u, release, make_submitted, reviewer) for u in (alice, bob)}
+    shared = tmp_path / "lab-hf-cache"  # one HF_HOME for the whole lab
+    api = HfApi(endpoint=url)
+    commits = {u: api.model_info(repo(), token=t).sha for u, t in tokens.items()}
+    anonymous = api.model_info(repo(), token=False).sha
+    assert len({commits[alice], commits[bob], anonymous}) == 3  # each grantee's own commit
+    assert anonymous == release.revision
+
+    for user, token in tokens.items():  # alice first, then bob, into the same cache
+        path = hf_hub_download(repo(), SHARD, endpoint=url, token=token, cache_dir=shared)
+        assert sha256(Path(path).read_bytes()) == own_sums(user)[SHARD], user.username
+        assert f"/snapshots/{commits[user]}/" in path
+        # Their own commit names the same files for them; another grantee's does not.
+        again = hf_hub_download(
+            repo(), PARAMS, revision=commits[user], endpoint=url, token=token, cache_dir=shared
+        )
+        assert Path(again).read_bytes() == (DEMO / "params.json").read_bytes()
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download(
+            repo(), PARAMS, revision=commits[alice], endpoint=url, token=tokens[bob],
+            cache_dir=tmp_path / "bob-alone",
+        )  # fmt: skip

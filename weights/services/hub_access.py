@@ -13,6 +13,8 @@ expiry, is the credential here. A link a reviewer revoked stays revoked for both
 
 from __future__ import annotations
 
+import hashlib
+
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.utils import timezone
@@ -100,10 +102,14 @@ def repo_release(namespace: str, name: str) -> Release:
     return release
 
 
-def revision_check(release: Release, revision: str) -> str:
-    """The commit a revision names: 'main' or the release's current revision."""
-    if revision in ("main", release.revision) and release.revision:
-        return release.revision
+def revision_check(
+    release: Release, revision: str, user: AbstractBaseUser | AnonymousUser | None = None
+) -> str:
+    """The commit a revision names for this caller: 'main', the release's current revision
+    or the caller's own commit of it (``caller_commit``)."""
+    own = caller_commit(release, user)
+    if revision in ("main", release.revision, own) and release.revision:
+        return own
     raise RevisionNotFound(
         REVISION_NOT_FOUND.format(
             revision=revision, repo=repo_id(release), current=release.revision
@@ -136,6 +142,20 @@ def caller_grant(user: AbstractBaseUser | AnonymousUser, release: Release) -> Gr
         return None
     live = Grant.objects.filter(user=user, release=release, revoked_at__isnull=True)
     return live.select_related("release").first()
+
+
+def caller_commit(release: Release, user: AbstractBaseUser | AnonymousUser | None) -> str:
+    """The commit this caller is shown: the release's revision, except for a grantee of a
+    fingerprinted release, whose bytes are their own. huggingface_hub keeps one file per
+    (commit, path) in its cache, so two grantees sharing a cache (a lab's HF_HOME) would
+    otherwise be handed whichever copy came first."""
+    if not release.fingerprinted or user is None or not release.revision:
+        return release.revision
+    grant = caller_grant(user, release)
+    if grant is None:
+        return release.revision
+    seed = f"{release.revision}\0grant {grant.pk}"
+    return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()
 
 
 def hub_link(user: AbstractBaseUser | AnonymousUser, release: Release) -> DownloadLink:
