@@ -256,8 +256,10 @@ def test_an_operator_marks_a_release_in_the_admin_and_the_grant_shows_it(
     assert response.status_code == 302, response.content.decode()[:2000]
     release.refresh_from_db()
     assert release.fingerprinted and len(bytes(release.fingerprint_key)) == 32
-    # Marked for good: the field is no longer an input.
-    assert 'name="fingerprinted"' not in operator_client.get(url).content.decode()
+    # Marked for good: the field is no longer an input; the key is nowhere on the page.
+    page = operator_client.get(url).content.decode()
+    assert 'name="fingerprinted"' not in page
+    assert bytes(release.fingerprint_key).hex() not in page
 
     approve(alice, make_submitted, reviewer, release)
     grant = release.grants.get()
