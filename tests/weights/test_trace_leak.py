@@ -281,3 +281,33 @@ def test_the_evidence_goes_where_asked(granted, tmp_path):
     folder = tmp_path / "cases"
     folder.mkdir()
     assert evidence_path(trace(suspect, "--evidence", folder)).parent == folder
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_leaked_tree_with_other_models_and_clutter_names_the_recipient(granted, tmp_path):
+    """What a torrent looks like: LLaMA/<size>/consolidated.NN.pth for several models,
+    checklists, a partial download in a dot folder."""
+    root = tmp_path / "LLaMA"
+    copy_of(granted["bob"], root / "7B")
+    (root / "7B" / "checklist.chk").write_text("whatever\n")
+    other = root / "13B"  # another model: no tensor of it fits this release
+    other.mkdir()
+    generator = torch.Generator().manual_seed(3)
+    state = torch.load(root / "7B" / SHARDS[0], weights_only=True)
+    bigger = {
+        k: torch.randn(v.shape[0] + 8, *v.shape[1:], generator=generator) for k, v in state.items()
+    }
+    torch.save({k: v.to(torch.bfloat16) for k, v in bigger.items()}, other / SHARDS[0])
+    (root / ".partial").mkdir()
+    (root / ".partial" / "consolidated.00.pth").write_bytes(b"half a file")
+
+    out = io.StringIO()
+    call_command("trace_leak", str(root), stdout=out)
+    output = out.getvalue()
+    assert named_line(output) == f"RECIPIENT: bob <bob@lab.example.org> (grant {granted['bob'].pk})"
+    body = json.loads(evidence_path(output).read_text())["evidence"]
+    read = {Path(f["path"]).relative_to(root).as_posix() for f in body["suspect"]["files"]}
+    assert read == {"7B/consolidated.00.pth", "7B/consolidated.01.pth", "13B/consolidated.00.pth"}
+    assert any(
+        "13B/consolidated.00.pth: no tensor of this release in it" in n for n in body["notes"]
+    )

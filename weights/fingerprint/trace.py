@@ -269,8 +269,12 @@ def _weight_files(paths: Iterable[str | Path]) -> list[Path]:
     found: dict[Path, Path] = {}
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if path.is_dir():  # a leak is often a tree (LLaMA/7B/consolidated.00.pth, ...)
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not _hidden(p, path)
+            )
             if not files:
                 raise TraceError(ERR_EMPTY_DIR.format(path=path))
         elif path.is_file():
@@ -288,6 +292,11 @@ def _weight_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(found.values())
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Inside a dot folder under ``root`` (the HF cache's .cache, a download's .part files)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 class _SafetensorsFile(Mapping[str, Tensor]):
     """A safetensors file's tensors, each read when asked for (the header says what is in it)."""
 
@@ -301,6 +310,10 @@ class _SafetensorsFile(Mapping[str, Tensor]):
         if name not in self._names:
             raise KeyError(name)
         return self._file.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the header: no tensor is read."""
+        return tuple(self._file.get_slice(name).get_shape())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -466,10 +479,24 @@ def _hf_blocks(
         yield Block(key, 0, 0, _as_float32(t), path.name)
 
 
+def _shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    if isinstance(tensors, _SafetensorsFile):
+        return {name: tensors.shape(name) for name in tensors}
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def _fits(shape: tuple[int, ...], merged: tuple[int, ...] | None) -> bool:
+    """Whether a tensor of ``shape`` can be the release's (whole, or one shard's slice)."""
+    return merged is not None and (shape == merged or _slice_place(shape, merged) is not None)
+
+
 def _kind(tensors: Mapping[str, Tensor], release: ReleaseMarks) -> str:
+    """Which naming a file's tensors use, counting only those whose shapes fit the release:
+    a file of another model in the same tree (13B beside 7B) is "unknown", left out."""
     names = _meta_names(release)
-    meta = sum(k in release.shapes for k in tensors)
-    hf = sum(k in names for k in tensors)
+    shapes = _shapes(tensors)
+    meta = sum(_fits(shape, release.shapes.get(k)) for k, shape in shapes.items())
+    hf = sum(k in names and _fits(shape, release.shapes[names[k]]) for k, shape in shapes.items())
     if not meta and not hf:
         return "unknown"
     return "meta" if meta >= hf else "transformers"
