@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from inference_demo.hf_layout import hf_name, rotary_heads
 from inference_demo.hf_tokenizer import write_tokenizer_files
 from inference_demo.llama.checkpoint import (
     ShardedTensor,
@@ -33,22 +34,6 @@ from inference_demo.llama.checkpoint import (
 )
 from inference_demo.llama.model import ModelArgs
 
-LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-TOP_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,23 +48,6 @@ def permute_rotary(w: Tensor, n_heads: int) -> Tensor:
     """Meta rotates interleaved (even, odd) pairs, HF rotates halves: reorder q/k rows."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_name(key: str) -> str:
-    if key in TOP_NAMES:
-        return TOP_NAMES[key]
-    _, index, rest = key.split(".", 2)  # "layers.3.attention.wq.weight"
-    module, param = rest.rsplit(".", 1)
-    return f"model.layers.{index}.{LAYER_NAMES[module]}.{param}"
-
-
-def rotary_heads(args: ModelArgs, key: str) -> int | None:
-    """How many heads to permute `key` by; None for tensors RoPE does not touch."""
-    if key.endswith("attention.wq.weight"):
-        return args.n_heads
-    if key.endswith("attention.wk.weight"):
-        return args.kv_heads
-    return None
 
 
 def hf_state_dict(args: ModelArgs, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -14,9 +14,16 @@ loopback, and measures:
 4. cuts: on a fresh one-copy link, each rate-limited resuming client (curl, wget, the CLI) is
    SIGKILLed at 1/4, 2/4 and 3/4 of the file and run again; LinkUsage says what was charged
    against what the client had on disk (the bytes kernel buffers swallowed at each cut);
-5. aria2c: `aria2c -x16` on fresh one-copy and five-copy links, whose rates should match.
+5. aria2c: `aria2c -x16` on fresh one-copy and five-copy links, whose rates should match;
+6. fingerprinted: a generated bf16 LLaMA-shaped checkpoint (params.json, consolidated.00.pth;
+   --size-mb, default 384 MiB) published twice, plain and fingerprinted, one researcher
+   approved for both (the approval prepares their copy's checksums); both files fetched over
+   HTTP, alternating which goes first; the rate of the fingerprinted one over the plain one
+   (the issue's target: >= 50 %), and the fingerprinted bytes' SHA-256 checked against the
+   grantee's RecipientCopy.
 
-`--only cuts,aria2c` runs only those (names: throughput, verification, resume, cuts, aria2c).
+`--only cuts,aria2c` runs only those (names: throughput, verification, resume, cuts, aria2c,
+fingerprinted).
 Medians of --runs runs. Prints the figures; the last line is a JSON object. This is a
 benchmark, not a test: it takes about a minute and needs ~4x --size-mb of free disk.
 """
@@ -28,6 +35,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import math
 import mmap
 import os
 import platform
@@ -54,7 +62,13 @@ SLUG = "llama-bench"
 SHARD = "7B/consolidated.00.pth"
 BUDGET_USER = "bench-budget"  # the researcher whose fresh links the budget measures use
 SLACK = 16 * MIB  # WEIGHTS_BUDGET_SLACK_BYTES as the bench's portal runs (the default)
-GUNICORN_ARGS = ["--workers", "3", "--timeout", "60"]  # as docker-compose.yml runs it
+# The fingerprinted measure: one checkpoint published plain and fingerprinted.
+FP_SLUG, PLAIN_SLUG = "llama-bench-fp", "llama-bench-plain"
+FP_USER = "bench-fp"
+FINGERPRINTED_MB = 384  # the checkpoint's size unless --size-mb is given
+FP_TARGET = 0.5  # the issue's: fingerprinted streaming at >= 50 % of the plain rate
+WORKERS = 3
+GUNICORN_ARGS = ["--workers", str(WORKERS), "--timeout", "60"]  # as docker-compose.yml runs it
 
 
 # --------------------------------------------------------------------------- the portal
@@ -219,8 +233,9 @@ def warm_up_workers(portal: Portal, requests: int = 12) -> None:
         conn.close()
 
 
-def fetch_over_http(url: str) -> int:
-    """GET the whole file and discard it (1 MiB reads), as the portal's raw throughput."""
+def fetch_over_http(url: str, sink: Callable[[memoryview], object] | None = None) -> int:
+    """GET the whole file and discard it (1 MiB reads), as the portal's raw throughput;
+    `sink` sees each block read (to hash it)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     conn.request("GET", parts.path, headers={"User-Agent": "weights.bench"})
@@ -231,6 +246,8 @@ def fetch_over_http(url: str) -> int:
     total = 0
     while n := response.readinto(buffer):
         total += n
+        if sink is not None:
+            sink(buffer[:n])
     conn.close()
     return total
 
@@ -322,6 +339,8 @@ class Results:
     verify_overhead_inline: float = 0.0
     cuts: dict[str, dict] = field(default_factory=dict)
     aria2c: dict = field(default_factory=dict)
+    fingerprinted_mb: int = FINGERPRINTED_MB
+    fingerprinted: dict = field(default_factory=dict)
     measured: list[str] = field(default_factory=list)
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
@@ -612,6 +631,149 @@ def bench_aria2c(portal: Portal, results: Results, work: Path) -> None:
     }
 
 
+# --------------------------------------------------------------------------- fingerprinted
+
+
+def checkpoint_shapes(size: int) -> tuple[dict[str, int], list[tuple[str, tuple[int, ...]]]]:
+    """(params.json, LLaMA tensors in a checkpoint's order) of about `size` bytes of bf16:
+    the width is the power of two whose layer takes about a quarter of it, as many layers
+    as fit, every tensor with LLaMA's name and shape (2-D weights are what is marked)."""
+    dim = 64
+    while dim < 4096 and 24 * (2 * dim) ** 2 <= size / 4:
+        dim *= 2
+    hidden = 256 * -(-8 * dim // 3 // 256)  # LLaMA's rule, multiple_of 256
+    vocab = 32000 if dim >= 1024 else 16 * dim
+    layer = [
+        *((f"attention.{w}.weight", (dim, dim)) for w in ("wq", "wk", "wv", "wo")),
+        ("feed_forward.w1.weight", (hidden, dim)),
+        ("feed_forward.w2.weight", (dim, hidden)),
+        ("feed_forward.w3.weight", (hidden, dim)),
+        ("attention_norm.weight", (dim,)),
+        ("ffn_norm.weight", (dim,)),
+    ]
+    layer_bytes = 2 * sum(math.prod(s) for _, s in layer)
+    layers = max(1, round((size - 4 * vocab * dim) / layer_bytes))
+    tensors = [("tok_embeddings.weight", (vocab, dim))]
+    for i in range(layers):
+        tensors += [(f"layers.{i}.{name}", shape) for name, shape in layer]
+    tensors += [("norm.weight", (dim,)), ("output.weight", (vocab, dim))]
+    params = {"dim": dim, "n_layers": layers, "n_heads": max(1, dim // 128), "vocab_size": vocab}
+    return {**params, "multiple_of": 256, "norm_eps": 1e-05}, tensors
+
+
+def write_checkpoint(directory: Path, size: int) -> Path:
+    """A loadable, fingerprintable Meta-layout checkpoint (params.json, one bf16
+    consolidated.00.pth, checklist.chk) of random LLaMA-shaped weights, written by the
+    project's own writer; the shard's path."""
+    import torch
+
+    from inference_demo.llama.checkpoint import save_checkpoint
+
+    params, tensors = checkpoint_shapes(size)
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        name: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if len(shape) == 2
+        else torch.ones(shape, dtype=torch.bfloat16)
+        for name, shape in tensors
+    }
+    [shard] = save_checkpoint(directory, params, state)
+    return shard
+
+
+def warm_up_urls(urls: list[str], rounds: int = 3) -> None:
+    """1-byte range requests, several at once so that every worker takes some: a worker's
+    first fingerprinted request also imports the fingerprint code and reads the layout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        conn.request("GET", parts.path, headers={"Range": "bytes=0-0"})
+        if conn.getresponse().read() is None:
+            raise RuntimeError(url)
+        conn.close()
+
+    with ThreadPoolExecutor(max_workers=2 * WORKERS) as pool:
+        for _ in range(rounds):
+            list(pool.map(one, urls * WORKERS))
+
+
+def server_cpu_s(portal: Portal) -> float:
+    """User + system CPU seconds of gunicorn and its workers so far (Linux /proc; 0 elsewhere)."""
+    if portal.server is None or not Path("/proc/self/stat").exists():
+        return 0.0
+    master, total = portal.server.pid, 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) == master or int(fields[1]) == master:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def sha256_over_http(url: str) -> str:
+    sha = hashlib.sha256()
+    fetch_over_http(url, sha.update)
+    return sha.hexdigest()
+
+
+def bench_fingerprinted(portal: Portal, results: Results, work: Path) -> None:
+    """One checkpoint published twice, as a plain release and as a fingerprinted one; one
+    researcher approved for both (the approval prepares their copy); both files fetched
+    over HTTP, alternating which goes first; the fingerprinted bytes checked against the
+    grantee's RecipientCopy.sha256."""
+    size = results.fingerprinted_mb * MIB
+    source = portal.root / "fp-release"
+    t0 = time.perf_counter()
+    write_checkpoint(source / "7B", size)
+    generated_s = time.perf_counter() - t0
+    for slug, extra in ((PLAIN_SLUG, []), (FP_SLUG, ["--fingerprinted"])):
+        manage(
+            portal, "publish_release", str(source), "--slug", slug, "--no-transformers",
+            "-v", "0", *extra,
+        )  # fmt: skip
+    shutil.rmtree(source)
+    issued = internal(portal, "fingerprinted-links")
+    urls = {
+        kind: f"{portal.base_url}/d/{issued[kind]['token']}/{urllib.parse.quote(SHARD)}"
+        for kind in ("plain", "fingerprinted")
+    }
+    read_from_disk(Path(issued["stored_file"]))  # one stored file serves both releases
+    warm_up_urls(list(urls.values()))
+    served = {kind: sha256_over_http(url) for kind, url in urls.items()}
+    seconds: dict[str, list[float]] = {"plain": [], "fingerprinted": []}
+    cpu: dict[str, list[float]] = {"plain": [], "fingerprinted": []}
+    for i in range(results.runs):
+        for kind in ("plain", "fingerprinted") if i % 2 == 0 else ("fingerprinted", "plain"):
+            before = server_cpu_s(portal)
+            seconds[kind].append(timed(lambda u=urls[kind]: fetch_over_http(u)))
+            cpu[kind].append(server_cpu_s(portal) - before)
+    file_bytes = issued["size"]
+    plain, fingerprinted = (median_rate(file_bytes, seconds[k]) for k in seconds)
+    pairs = [p / f for p, f in zip(seconds["plain"], seconds["fingerprinted"], strict=True)]
+    results.seconds.update({f"{k}_http": v for k, v in seconds.items()})
+    results.seconds.update({f"{k}_server_cpu": v for k, v in cpu.items()})
+    results.fingerprinted = {
+        "file_bytes": file_bytes,
+        "fingerprinted_bytes_fraction": issued["fingerprinted_bytes_fraction"],
+        "plain_mb_s": plain,
+        "fingerprinted_mb_s": fingerprinted,
+        "ratio": fingerprinted / plain,
+        "ratio_per_pair_median": statistics.median(pairs),
+        "target": FP_TARGET,
+        "met": fingerprinted / plain >= FP_TARGET,
+        "sha256_matches_recipient_copy": served["fingerprinted"] == issued["copy_sha256"],
+        "differs_from_published": served["fingerprinted"] != issued["published_sha256"],
+        "plain_sha256_matches_published": served["plain"] == issued["published_sha256"],
+        # CPU seconds the server spent per GB sent: the cost of fingerprinting itself, less
+        # disturbed than wall time by whatever else shares the machine's cores.
+        "server_cpu_s_per_gb": {k: statistics.median(v) * 1e9 / file_bytes for k, v in cpu.items()},
+        "approve_and_prepare_s": issued["approve_and_prepare_s"],
+        "generate_s": generated_s,
+    }
+
+
 # --------------------------------------------------------------------------- helpers in Django
 
 
@@ -654,6 +816,57 @@ def _internal_issue_link() -> dict:
     artifact = release.artifacts.get(path=SHARD)
     stored = get_storage().local_path(artifact.storage_key)
     return {"token": issued.token, "stored_file": str(stored)}
+
+
+def _internal_fingerprinted_links() -> dict:
+    """A researcher approved for the plain and the fingerprinted release by the normal path
+    (the approval's task prepares their copy before it emails the link), then a link to
+    each; the checksums to verify the served bytes against."""
+    from django.contrib.auth import get_user_model
+
+    from access.services.applications import application_save_draft, application_submit
+    from access.services.licenses import license_accept
+    from access.services.reviews import application_approve
+    from weights.fingerprint.layout import meta_layout
+    from weights.models import RecipientCopy, Release
+    from weights.services.links import link_issue
+    from weights.storage import get_storage
+
+    license_version = Release.objects.get(slug=SLUG).license
+    Release.objects.filter(slug__in=[PLAIN_SLUG, FP_SLUG]).update(license=license_version)
+    releases = [Release.objects.get(slug=PLAIN_SLUG), Release.objects.get(slug=FP_SLUG)]
+    reviewer = get_user_model().objects.get(username="rita")
+    researcher = get_user_model().objects.create_user(
+        FP_USER, f"{FP_USER}@uni.example.edu", secrets.token_urlsafe(16)
+    )
+    _verify_email(researcher)
+    fields = {**_FIELDS, "institutional_email": researcher.email}
+    draft = application_save_draft(applicant=researcher, fields=fields, releases=releases)
+    acceptance = license_accept(user=researcher, license_version=license_version, ip_address=None)
+    application = application_submit(
+        application=draft, applicant=researcher, license_acceptance=acceptance
+    )
+    t0 = time.perf_counter()
+    grants = application_approve(application=application, reviewer=reviewer, releases=releases)
+    prepare_s = time.perf_counter() - t0
+    by_slug = {g.release.slug: g for g in grants}
+    plain, fingerprinted = (r.artifacts.get(path=SHARD) for r in releases)
+    copy = RecipientCopy.objects.get(
+        grant=by_slug[FP_SLUG], artifact=fingerprinted, state=RecipientCopy.State.READY
+    )
+    stored = get_storage().local_path(fingerprinted.storage_key)
+    layout = meta_layout(stored, shard_index=0, n_shards=1)
+    return {
+        "plain": {"token": link_issue(grant=by_slug[PLAIN_SLUG], budget_copies=50).token},
+        "fingerprinted": {"token": link_issue(grant=by_slug[FP_SLUG], budget_copies=50).token},
+        "stored_file": str(stored),
+        "same_stored_file": plain.storage_key == fingerprinted.storage_key,
+        "size": fingerprinted.size,
+        "published_sha256": fingerprinted.sha256,
+        "copy_sha256": copy.sha256,
+        "fingerprinted_bytes_fraction": sum(e.nbytes for e in layout.fingerprinted) / layout.size,
+        "approve_and_prepare_s": prepare_s,
+    }
 
 
 def _internal_fresh_link(copies: str) -> dict:
@@ -701,7 +914,8 @@ _FIELDS = {
 def _internal_events() -> dict:
     from weights.models import DownloadEvent
 
-    rows = DownloadEvent.objects.filter(artifact__path=SHARD).order_by("pk")
+    rows = DownloadEvent.objects.filter(artifact__release__slug=SLUG, artifact__path=SHARD)
+    rows = rows.order_by("pk")
     events = [
         {"range": e.range_header, "bytes": e.bytes, "status": e.status_code, "outcome": e.outcome}
         for e in rows
@@ -719,6 +933,7 @@ def run_internal(command: str) -> None:
         "events": _internal_events,
         "fresh-link": _internal_fresh_link,
         "usage": _internal_usage,
+        "fingerprinted-links": _internal_fingerprinted_links,
     }
     name, _, argument = command.partition(":")
     print(json.dumps(handlers[name](argument) if argument else handlers[name]()))
@@ -751,6 +966,8 @@ def summary_lines(r: Results) -> Iterator[str]:
         yield from cut_lines(r)
     if "aria2c" in r.measured:
         yield from aria2c_lines(r)
+    if "fingerprinted" in r.measured:
+        yield from fingerprinted_lines(r)
 
 
 def _throughput_lines(r: Results) -> Iterator[str]:
@@ -816,6 +1033,29 @@ def aria2c_lines(r: Results) -> Iterator[str]:
         f" {done['5']}/{len(codes['5'])} (exit codes {codes['1']} / {codes['5']});"
         f" charged minus size at 1 copy {a['one_copy_charged_over_size']} B"
         f" (at most {SLACK} B), at 5 copies {a['five_copies_charged_over_size']} B"
+    )
+
+
+def fingerprinted_lines(r: Results) -> Iterator[str]:
+    f = r.fingerprinted
+    yield (
+        f"  fingerprinted checkpoint ({f['file_bytes']} B, bf16,"
+        f" {100 * f['fingerprinted_bytes_fraction']:.1f} % of its bytes in marked tensors)"
+        f" over HTTP: plain {f['plain_mb_s']:.0f} MB/s, fingerprinted {f['fingerprinted_mb_s']:.0f}"
+        f" MB/s = {100 * f['ratio']:.0f} % (target >= {100 * f['target']:.0f} %;"
+        f" median of per-run pairs {100 * f['ratio_per_pair_median']:.0f} %)"
+    )
+    c = f["server_cpu_s_per_gb"]
+    yield (
+        f"  server CPU per GB sent: plain {c['plain']:.2f} s, fingerprinted"
+        f" {c['fingerprinted']:.2f} s"
+    )
+    yield (
+        f"  served fingerprinted bytes = the grantee's RecipientCopy.sha256:"
+        f" {f['sha256_matches_recipient_copy']}; differ from the published file:"
+        f" {f['differs_from_published']}; plain bytes = the published sha256:"
+        f" {f['plain_sha256_matches_published']}; approval + preparing the copy"
+        f" {f['approve_and_prepare_s']:.1f} s"
     )
 
 
@@ -892,11 +1132,12 @@ in socket buffers when the process died and never reached the disk); the resume 
 {END}"""
 
 
-def measured_markdown(r: Results, lines: Iterator[str], runs: str) -> str:
+def measured_markdown(r: Results, lines: Iterator[str], runs: str, file: str = "") -> str:
     """The block of a measure run on its own: when, where, and its lines of the summary."""
+    file = file or f"one generated shard of {r.file_bytes} bytes"
     return (
         f"Measured {r.date} on {r.machine}; load average {r.load_average}.\n"
-        f"File: one generated shard of {r.file_bytes} bytes; {runs}.\n\n"
+        f"File: {file}; {runs}.\n\n"
         f"```\n{chr(10).join(lines)}\n```"
     )
 
@@ -905,14 +1146,20 @@ def blocks(r: Results) -> Iterator[tuple[str, str, str]]:
     """(begin marker, end marker, block) for each group of measures this run made."""
     if {"throughput", "verification", "resume"} <= set(r.measured):
         yield BEGIN, END, figures_markdown(r)
-    own = (
-        ("cuts", cut_lines, f"one download per client, cut {CUTS} times"),
-        ("aria2c", aria2c_lines, f"{r.runs} runs at each budget"),
+    checkpoint = (
+        f"a generated bf16 checkpoint of {r.fingerprinted.get('file_bytes')} bytes, published"
+        " plain and fingerprinted"
     )
-    for name, lines, runs in own:
+    own = (
+        ("cuts", cut_lines, f"one download per client, cut {CUTS} times", ""),
+        ("aria2c", aria2c_lines, f"{r.runs} runs at each budget", ""),
+        ("fingerprinted", fingerprinted_lines, f"medians of {r.runs} runs each", checkpoint),
+    )
+    for name, lines, runs, file in own:
         if name in r.measured:
             begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-            yield begin, end, f"{begin}\n{measured_markdown(r, lines(r), runs)}\n{end}"
+            block = measured_markdown(r, lines(r), runs, file)
+            yield begin, end, f"{begin}\n{block}\n{end}"
 
 
 def record(path: Path, r: Results) -> None:
@@ -941,22 +1188,28 @@ MEASURES: dict[str, Callable[[Portal, Results, Path], None]] = {
     "resume": bench_resume,
     "cuts": bench_cuts,
     "aria2c": bench_aria2c,
+    "fingerprinted": bench_fingerprinted,
 }
 
 
-def run(size_mb: int, runs: int, keep: bool, only: list[str] | None = None) -> Results:
+def run(size_mb: int | None, runs: int, keep: bool, only: list[str] | None = None) -> Results:
+    """The measures named in `only` (default: all); `size_mb` None is each one's default."""
     root = Path(tempfile.mkdtemp(prefix="weights-bench-"))
+    generic_mb = size_mb or 1024
+    if only is not None and set(only) <= {"fingerprinted"}:
+        generic_mb = 1  # the generic release serves no measure then: keep it small
     results = Results(
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(),
-        file_bytes=size_mb * MIB,
+        file_bytes=generic_mb * MIB,
         runs=runs,
+        fingerprinted_mb=size_mb or FINGERPRINTED_MB,
     )
     portal = Portal(root=root, env={})
     load_before = _load()
     try:
         print(f"setting up a portal under {root} ...", file=sys.stderr)
-        portal = build_portal(root, size_mb)
+        portal = build_portal(root, results.file_bytes // MIB)
         start_server(portal)
         work = root / "work"
         work.mkdir()
@@ -977,7 +1230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights.bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (default 1024)")
+    parser.add_argument(
+        "--size-mb",
+        type=int,
+        help=f"file size in MiB (default 1024; {FINGERPRINTED_MB} for the fingerprinted checkpoint)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per measure (median; default 3)")
     parser.add_argument("--record", type=Path, help="also write the figures to this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary portal directory")

@@ -15,6 +15,7 @@ which ``fingerprint_range`` asks ``read_at`` for (``FingerprintedReader`` reads 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,13 +28,13 @@ CHUNK = 4 << 20
 # Bytes of one tensor transformed at a time: small enough for the temporaries to stay in
 # the CPU's cache, large enough for numpy's per-call cost not to matter (measured).
 PIECE = 1 << 20
+SCRATCH_MAX = 16 << 20  # the largest working buffer a thread keeps between calls
 
 # (exponent field, largest finite magnitude, smallest normal magnitude) as bit patterns.
 FORMATS = {
     "bfloat16": (0x7F80, 0x7F7F, 0x0080),
     "float16": (0x7C00, 0x7BFF, 0x0400),
 }
-_SIGN = np.uint16(0x8000)
 _MAGNITUDE = np.uint16(0x7FFF)
 
 ERR_UNSUPPORTED = (
@@ -71,28 +72,26 @@ def check_embeddable(layout: FileLayout) -> None:
 
 def ulp_step(values: np.ndarray, dtype: str, up: np.ndarray) -> np.ndarray:
     """``values`` (bf16/fp16 bit patterns, uint16) moved one ulp up where ``up``, down
-    elsewhere, left alone where the rule skips them (see the module's docstring)."""
-    exponent, largest, smallest = (np.uint16(x) for x in FORMATS[dtype])
-    magnitude = values & _MAGNITUDE
-    exp = magnitude & exponent
-    grows = up ^ ((values & _SIGN) != 0)  # numeric up is a larger magnitude when positive
-    ok = (exp != 0) & (exp != exponent)
-    ok &= ~(grows & (magnitude == largest))
-    ok &= ~(~grows & (magnitude == smallest))
-    step = np.where(grows, np.uint16(1), np.uint16(0xFFFF))  # +1 or -1, mod 2**16
-    return np.where(ok, values + step, values)
+    elsewhere, left alone where the rule skips them (see the module's docstring).
 
-
-def _step_table(dtype: str) -> np.ndarray:
-    """``ulp_step`` of every bit pattern, down (row 0) and up (row 1), flattened: one
-    lookup per marked element instead of the rule's dozen array operations."""
-    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    down = ulp_step(values, dtype, np.zeros(len(values), bool))
-    up = ulp_step(values, dtype, np.ones(len(values), bool))
-    return np.concatenate([down, up])
-
-
-STEP_TABLES = {dtype: _step_table(dtype) for dtype in FORMATS}
+    In sign-magnitude a step is +-1 on the bit pattern: +1 where the magnitude grows (up on
+    a positive value, down on a negative one). The rule then reads: the magnitude is normal
+    before the step and after it, a normal magnitude m being ``m - smallest < exponent -
+    smallest`` in uint16 arithmetic (zeros and subnormals wrap around to large values)."""
+    exponent, _largest, smallest = (np.uint16(x) for x in FORMATS[dtype])
+    span = exponent - smallest
+    step = values >> np.uint16(15)  # the sign bit
+    step ^= up  # 1 where the magnitude grows
+    step <<= np.uint16(1)
+    step -= np.uint16(1)  # +1 or -1 (0xFFFF), mod 2**16
+    low = values & _MAGNITUDE
+    low -= smallest
+    ok = low < span
+    low += step
+    ok &= low < span
+    step *= ok
+    step += values
+    return step
 
 
 def marked_elements(
@@ -121,10 +120,7 @@ def perturb(
     if not len(values):
         return
     positions, up = marked_elements(extent, release_key, code, first, len(values))
-    lookup = up.astype(np.intp)
-    lookup <<= 16
-    lookup |= values[positions]
-    values[positions] = STEP_TABLES[extent.dtype][lookup]
+    values[positions] = ulp_step(values.take(positions), extent.dtype, up)
 
 
 def _cut(layout: FileLayout, at: int) -> TensorExtent | None:
@@ -162,6 +158,21 @@ def transform(
             perturb(values, e, release_key, code, (x - e.file_offset) // e.itemsize)
 
 
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """``n`` bytes of this thread's working buffer, kept from call to call: a fresh buffer of
+    a megabyte per call costs a third of the fingerprinting (measured; glibc maps one that
+    large afresh each time, and each of its pages faults in again)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = bytearray(n)
+        if n <= SCRATCH_MAX:  # a whole file read at once is not kept
+            _local.buf = buf
+    return memoryview(buf)[:n]
+
+
 def fingerprint_range(
     layout: FileLayout,
     release_key: bytes,
@@ -185,12 +196,14 @@ def fingerprint_range(
         at = start if _cut(layout, start) else end
         name = _cut(layout, at).stored_name  # type: ignore[union-attr]
         raise ValueError(ERR_CUT.format(start=start, end=end, name=name, at=at))
-    buf = bytearray(read_at(lo, start) if lo < start else b"")  # type: ignore[misc]
-    buf += data
+    buf = _scratch(hi - lo)
+    if lo < start:
+        buf[: start - lo] = read_at(lo, start)  # type: ignore[misc]
+    buf[start - lo : end - lo] = memoryview(data).cast("B")
     if hi > end:
-        buf += read_at(end, hi)  # type: ignore[misc]
+        buf[end - lo :] = read_at(end, hi)  # type: ignore[misc]
     transform(layout, release_key, code, lo, buf)
-    return bytes(memoryview(buf)[start - lo : end - lo])
+    return bytes(buf[start - lo : end - lo])
 
 
 def _read_into(fd: int, view: memoryview, start: int, path: Path) -> None:

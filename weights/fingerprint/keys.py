@@ -75,16 +75,29 @@ def _seed(key: bytes, purpose: bytes, tensor: str) -> np.uint64:
 
 def _mix(seed: np.uint64, counter: np.ndarray) -> np.ndarray:
     """splitmix64 of seed + (counter + 1) * golden: a fresh 64-bit value per counter."""
+    return _finish(seed, _spread(counter))
+
+
+def _spread(counter: np.ndarray) -> np.ndarray:
+    """(counter + 1) * golden: the part of ``_mix`` that does not depend on the seed."""
     with np.errstate(over="ignore"):
         z = counter.astype(np.uint64)
         z += np.uint64(1)
         z *= _GOLDEN
-        z += seed
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
+        return z
+
+
+def _finish(seed: np.uint64, spread: np.ndarray) -> np.ndarray:
+    """splitmix64's mixing of seed + spread (one temporary for its three shifts)."""
+    with np.errstate(over="ignore"):
+        z = spread + seed
+        t = np.empty_like(z)
+        for shift, multiplier in ((30, _M1), (27, _M2)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            z ^= t
+            z *= multiplier
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
         return z
 
 
@@ -128,21 +141,6 @@ def _selectors(words: np.ndarray) -> np.ndarray:
     return packed.astype("<u8", copy=False).view(np.uint8).reshape(-1, GROUPS)
 
 
-_GRID_CACHED = 1 << 20  # groups: 8 MiB of int64, enough for the embedder's pieces
-_grid = np.arange(0, dtype=np.int64)
-
-
-def _group_starts(n: int) -> np.ndarray:
-    """0, 8, 16, ...: the first element of each of ``n`` consecutive groups; read-only (a
-    slice of a cached array, up to ``_GRID_CACHED`` groups)."""
-    global _grid
-    if n > _GRID_CACHED:
-        return np.arange(n, dtype=np.int64) * GROUP
-    if len(_grid) < n:
-        _grid = np.arange(min(_GRID_CACHED, max(n, 2 * len(_grid))), dtype=np.int64) * GROUP
-    return _grid[:n]
-
-
 def run_marks(
     release_key: bytes,
     tensor: str,
@@ -155,29 +153,54 @@ def run_marks(
     ``code``, whether each moves up (else None). Equal to ``marked``/``directions`` on
     every element of the runs, at a cost per 64 elements instead of per element."""
     starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    if len(starts) == 1:
+        return _one_run(release_key, tensor, int(starts[0]), length, code)
     runs = len(starts)
     first = starts >> BLOCK_LOG2
     shift = starts - (first << BLOCK_LOG2)  # where each run starts in its first block
     n_blocks = (length + BLOCK - 1) // BLOCK + int(bool(shift.any()))
     blocks = (first[:, None] + np.arange(n_blocks, dtype=np.int64)).reshape(-1)
-    chosen = _selectors(_position_words(release_key, tensor, blocks))
-    # The runs' blocks laid end to end, then moved to where each run's elements start.
-    positions = _group_starts(chosen.size) + chosen.reshape(-1)
-    ragged = bool(shift.any()) or length != n_blocks * BLOCK
-    if ragged:
-        run_at = np.arange(runs, dtype=np.int64) * (length - n_blocks * BLOCK) - shift
-        positions += run_at[0] if runs == 1 else np.repeat(run_at, n_blocks * GROUPS)
-    up = None
-    if code is not None:
-        direction = _direction_words(code, tensor, blocks).astype("<u8", copy=False)
-        up = (direction.view(np.uint8).reshape(-1, GROUPS) >> chosen) & np.uint8(1)
-        up = up.reshape(-1).view(bool)
-    if ragged and runs == 1:  # ascending: cut the ends of the first and last blocks
-        keep = slice(np.searchsorted(positions, 0), np.searchsorted(positions, length))
-        return positions[keep], None if up is None else up[keep]
-    if ragged:  # drop the elements of whole blocks that lie outside their run
-        local = positions - np.repeat(np.arange(runs, dtype=np.int64) * length, n_blocks * GROUPS)
-        keep = (local >= 0) & (local < length)
-        positions = positions[keep]
-        up = None if up is None else up[keep]
-    return positions, up
+    chosen, up = _block_marks(release_key, tensor, blocks, code)
+    # The runs' blocks laid end to end.
+    positions = np.arange(0, chosen.size * GROUP, GROUP, dtype=np.int64)
+    positions += chosen.reshape(-1)
+    if not shift.any() and length == n_blocks * BLOCK:
+        return positions, up
+    # Moved to where each run's elements start, less the elements outside their run.
+    run_at = np.arange(runs, dtype=np.int64) * (length - n_blocks * BLOCK) - shift
+    positions += np.repeat(run_at, n_blocks * GROUPS)
+    local = positions - np.repeat(np.arange(runs, dtype=np.int64) * length, n_blocks * GROUPS)
+    keep = (local >= 0) & (local < length)
+    return positions[keep], None if up is None else up[keep]
+
+
+def _one_run(
+    release_key: bytes, tensor: str, start: int, length: int, code: bytes | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``run_marks`` of one run (the embedder's case: a piece of a tensor), its arithmetic
+    on plain integers."""
+    first, shift = divmod(start, BLOCK)
+    n_blocks = -(-(shift + length) // BLOCK)
+    blocks = np.arange(first, first + n_blocks, dtype=np.int64)
+    chosen, up = _block_marks(release_key, tensor, blocks, code)
+    positions = np.arange(-shift, n_blocks * BLOCK - shift, GROUP, dtype=np.int64)
+    positions += chosen.reshape(-1)
+    if not shift and length == n_blocks * BLOCK:
+        return positions, up
+    # Ascending: cut the ends of the first and last blocks.
+    keep = slice(np.searchsorted(positions, 0), np.searchsorted(positions, length))
+    return positions[keep], None if up is None else up[keep]
+
+
+def _block_marks(
+    release_key: bytes, tensor: str, blocks: np.ndarray, code: bytes | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(len(blocks), 8) uint8: each block's chosen element in each of its groups; with a
+    ``code``, whether each moves up (flat, bool), else None."""
+    spread = _spread(blocks)
+    chosen = _selectors(_finish(_seed(release_key, b"position", tensor), spread))
+    if code is None:
+        return chosen, None
+    direction = _finish(_seed(code, b"direction", tensor), spread).astype("<u8", copy=False)
+    up = (direction.view(np.uint8).reshape(-1, GROUPS) >> chosen) & np.uint8(1)
+    return chosen, up.reshape(-1).view(bool)

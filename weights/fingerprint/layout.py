@@ -7,9 +7,12 @@ Two formats, both parsed from their headers without executing anything from the 
   writes them so; a compressed one cannot be changed in place). ``data.pkl`` is read by an
   unpickler that only knows how to describe tensors, and each storage ``<archive>/data/<key>``
   is found from its zip local header. Shard ``s`` of ``S`` holds a slice of each split tensor,
-  on the axis LLaMA's loader merges it on (``inference_demo.llama.checkpoint``'s rules).
+  on the axis LLaMA's loader merges it on (``inference_demo.llama.shards``'s rules).
 - transformers safetensors (``inference_demo.convert``'s output): the JSON header gives the
-  offsets; names map back to Meta's, and q/k rows back through ``permute_rotary``.
+  offsets; names map back to Meta's, and q/k rows back through the converter's permutation
+  (``inference_demo.hf_layout``).
+
+Neither torch nor anything that imports it: the web process serves fingerprinted copies.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 
-from inference_demo.convert import LAYER_NAMES, TOP_NAMES, permute_rotary, rotary_heads
-from inference_demo.llama.checkpoint import (
+# Torch-free rule modules: the web process computes fingerprinted copies (DESIGN decision 6).
+from inference_demo.hf_layout import LAYER_NAMES, TOP_NAMES, rotary_heads, rotary_rows
+from inference_demo.llama.shards import (
     IGNORED,
     PARAMS,
     SHARD_RE,
@@ -530,12 +533,6 @@ def read_safetensors_header(path: str | Path) -> tuple[int, int, dict[str, Any]]
     return size, 8 + n, header
 
 
-def _rotary_rows(rows: int, heads: int) -> np.ndarray:
-    """Meta row of each transformers row: ``permute_rotary`` applied to the row numbers."""
-    numbers = torch.arange(rows, dtype=torch.int64).view(rows, 1)
-    return permute_rotary(numbers, heads).view(-1).numpy().copy()
-
-
 def safetensors_layout(path: str | Path, *, config: dict[str, Any]) -> FileLayout:
     """A safetensors file of the transformers variant; ``config`` is its config.json."""
     path = Path(path)
@@ -569,7 +566,7 @@ def safetensors_layout(path: str | Path, *, config: dict[str, Any]) -> FileLayou
         name = meta_name(stored)
         row_len = shape[-1] if shape else 1
         n_heads = rotary_heads(heads, name) if name and len(shape) == 2 else None  # type: ignore[arg-type]
-        perm = _rotary_rows(shape[0], n_heads) if n_heads else None
+        perm = rotary_rows(shape[0], n_heads) if n_heads else None
         extents.append(
             TensorExtent(
                 name=name or stored,

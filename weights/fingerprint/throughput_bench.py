@@ -19,7 +19,8 @@ MB), warms the page cache, and measures, in MB/s (10**6 bytes per second), media
 The portal serves a file at a rate of its own (HTTP, accounting); ``--portal-mb-s`` (the
 plain rate through it, measured by ``python -m weights.bench``) turns the figures into the
 expected fingerprinted/plain ratio through the portal, where the reader's cost replaces
-the plain read's, per byte. Medians and bests of interleaved rounds: on a shared machine
+the plain read's, per byte (`python -m weights.bench --only fingerprinted` measures the
+real ratio through the portal, docs/benchmarks.md). Medians and bests of interleaved rounds: on a shared machine
 the best is the figure least disturbed by others' load.
 The file is deleted afterwards. Prints the figures; the last line is a JSON object.
 """
