@@ -20,7 +20,8 @@ loopback, and measures:
    approved for both (the approval prepares their copy's checksums); both files fetched over
    HTTP, alternating which goes first; the rate of the fingerprinted one over the plain one
    (the issue's target: >= 50 %), and the fingerprinted bytes' SHA-256 checked against the
-   grantee's RecipientCopy.
+   grantee's RecipientCopy. With --materialise the portal writes each grantee's copy into
+   storage once (WEIGHTS_FINGERPRINT_MATERIALISE) and serves it as a stored file.
 
 `--only cuts,aria2c` runs only those (names: throughput, verification, resume, cuts, aria2c,
 fingerprinted).
@@ -91,8 +92,9 @@ class Portal:
         return self.link + urllib.parse.quote(path)
 
 
-def portal_env(root: Path) -> dict[str, str]:
-    """Production settings (DEBUG off) on loopback, everything under root."""
+def portal_env(root: Path, materialise: bool = False) -> dict[str, str]:
+    """Production settings (DEBUG off) on loopback, everything under root; with
+    ``materialise``, fingerprinted copies are written out and served as stored files."""
     prefixes = ("DJANGO_", "PORTAL_", "WEIGHTS_", "DATABASE_", "REDIS_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(
@@ -109,6 +111,7 @@ def portal_env(root: Path) -> dict[str, str]:
         # Each download's event is in the database when its response ends (the resume
         # measure reads them at once); a few events per run make batching irrelevant here.
         WEIGHTS_EVENT_BATCH="1",
+        WEIGHTS_FINGERPRINT_MATERIALISE="1" if materialise else "0",
         LOG_LEVEL="WARNING",
     )
     return env
@@ -143,8 +146,8 @@ def internal(portal: Portal, command: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def build_portal(root: Path, size_mb: int) -> Portal:
-    portal = Portal(root=root, env=portal_env(root))
+def build_portal(root: Path, size_mb: int, materialise: bool = False) -> Portal:
+    portal = Portal(root=root, env=portal_env(root, materialise))
     (root / "var").mkdir(parents=True)
     manage(portal, "migrate", "--noinput", "-v", "0")
     source = root / "release"
@@ -341,6 +344,7 @@ class Results:
     aria2c: dict = field(default_factory=dict)
     fingerprinted_mb: int = FINGERPRINTED_MB
     fingerprinted: dict = field(default_factory=dict)
+    materialised: bool = False  # fingerprinted copies written out (WEIGHTS_FINGERPRINT_MATERIALISE)
     measured: list[str] = field(default_factory=list)
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
@@ -1039,7 +1043,8 @@ def aria2c_lines(r: Results) -> Iterator[str]:
 def fingerprinted_lines(r: Results) -> Iterator[str]:
     f = r.fingerprinted
     yield (
-        f"  fingerprinted checkpoint ({f['file_bytes']} B, bf16,"
+        f"  fingerprinted checkpoint{' (copies materialised)' if r.materialised else ''}"
+        f" ({f['file_bytes']} B, bf16,"
         f" {100 * f['fingerprinted_bytes_fraction']:.1f} % of its bytes in marked tensors)"
         f" over HTTP: plain {f['plain_mb_s']:.0f} MB/s, fingerprinted {f['fingerprinted_mb_s']:.0f}"
         f" MB/s = {100 * f['ratio']:.0f} % (target >= {100 * f['target']:.0f} %;"
@@ -1192,7 +1197,13 @@ MEASURES: dict[str, Callable[[Portal, Results, Path], None]] = {
 }
 
 
-def run(size_mb: int | None, runs: int, keep: bool, only: list[str] | None = None) -> Results:
+def run(
+    size_mb: int | None,
+    runs: int,
+    keep: bool,
+    only: list[str] | None = None,
+    materialise: bool = False,
+) -> Results:
     """The measures named in `only` (default: all); `size_mb` None is each one's default."""
     root = Path(tempfile.mkdtemp(prefix="weights-bench-"))
     generic_mb = size_mb or 1024
@@ -1204,12 +1215,13 @@ def run(size_mb: int | None, runs: int, keep: bool, only: list[str] | None = Non
         file_bytes=generic_mb * MIB,
         runs=runs,
         fingerprinted_mb=size_mb or FINGERPRINTED_MB,
+        materialised=materialise,
     )
     portal = Portal(root=root, env={})
     load_before = _load()
     try:
         print(f"setting up a portal under {root} ...", file=sys.stderr)
-        portal = build_portal(root, results.file_bytes // MIB)
+        portal = build_portal(root, results.file_bytes // MIB, materialise)
         start_server(portal)
         work = root / "work"
         work.mkdir()
@@ -1243,6 +1255,11 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: v.split(","),
         help=f"only these measures, comma-separated: {','.join(MEASURES)} (default: all)",
     )
+    parser.add_argument(
+        "--materialise",
+        action="store_true",
+        help="fingerprinted copies written out once per grantee, then served as stored files",
+    )
     parser.add_argument("--internal", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.internal:
@@ -1250,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.only and not set(args.only) <= set(MEASURES):
         parser.error(f"--only takes {','.join(MEASURES)}")
-    results = run(args.size_mb, args.runs, args.keep, args.only)
+    results = run(args.size_mb, args.runs, args.keep, args.only, args.materialise)
     for line in summary_lines(results):
         print(line)
     if args.record:

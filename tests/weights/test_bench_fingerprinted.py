@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,26 @@ def test_fingerprinted_measure_reports_its_figures(tmp_path) -> None:
     block = block.split("<!-- bench:fingerprinted:end -->", 1)[0]
     assert f"published plain and fingerprinted; medians of {out['runs']} runs each" in block
     assert f"{f['file_bytes']} bytes" in block and "RecipientCopy.sha256: True" in block
+
+
+def test_materialised_copies_are_measured_as_stored_files(tmp_path) -> None:
+    args = ["--only", "fingerprinted", "--size-mb", "2", "--runs", "1", "--materialise", "--keep"]
+    done = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "weights.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = Path(re.search(r"setting up a portal under (\S+) \.\.\.", done.stderr).group(1))
+    try:
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out["materialised"] is True and "(copies materialised)" in done.stdout
+        assert out["fingerprinted"]["sha256_matches_recipient_copy"] is True
+        # The grantee's copy was written out under the storage root, whole.
+        [copy] = [p for p in (root / "storage" / "fingerprinted").rglob("*.pth")]
+        assert copy.stat().st_size == out["fingerprinted"]["file_bytes"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
