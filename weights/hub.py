@@ -138,7 +138,7 @@ def _listing(
     grant = caller_grant(user, release)
     if grant is not None:
         return [(a, sha) for a, (sha, _md5) in fingerprinting.served_checksums(grant, files)]
-    return [(a, "" if fingerprinting.differs_per_recipient(a) else a.sha256) for a in files]
+    return [(a, "" if fingerprinting.differs_in(release, a) else a.sha256) for a in files]
 
 
 def _blob_id(artifact: Artifact, sha256: str, commit: str) -> str:

@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
 
+def bench(*args: str) -> subprocess.CompletedProcess:
+    """`python -m weights.bench ARGS`, which must succeed."""
+    done = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "weights.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize("size_mb", [2, 384])
 def test_checkpoint_shapes_are_llama_and_about_the_size_asked(size_mb) -> None:
     params, tensors = checkpoint_shapes(size_mb * MIB)
@@ -40,15 +54,7 @@ def test_fingerprinted_measure_reports_its_figures(tmp_path) -> None:
     record = tmp_path / "figures.md"
     record.write_text("# Figures\n\nprose kept\n")
     args = ["--only", "fingerprinted", "--size-mb", "2", "--runs", "2", "--record", str(record)]
-    done = subprocess.run(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "weights.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = bench(*args)
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["measured"] == ["fingerprinted"]
     f = out["fingerprinted"]
@@ -76,15 +82,7 @@ def test_fingerprinted_measure_reports_its_figures(tmp_path) -> None:
 
 def test_materialised_copies_are_measured_as_stored_files(tmp_path) -> None:
     args = ["--only", "fingerprinted", "--size-mb", "2", "--runs", "1", "--materialise", "--keep"]
-    done = subprocess.run(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "weights.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = bench(*args)
     root = Path(re.search(r"setting up a portal under (\S+) \.\.\.", done.stderr).group(1))
     try:
         out = json.loads(done.stdout.strip().splitlines()[-1])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +20,11 @@ from django.core import mail
 
 from access.services import reviews
 from tests.servers import ROOT, process_env, test_database_url
+from tests.weights.fingerprinted import publish_demo
 from weights.models import RecipientCopy
 from weights.services import fingerprinting
 from weights.services.fingerprinting import release_mark_fingerprinted
-from weights.services.publishing import release_publish
-from weights.storage import reset_storage
 
-DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 DIES_ON_SECOND_FILE = textwrap.dedent(
     """
     import os, signal, sys
@@ -51,21 +48,15 @@ DIES_ON_SECOND_FILE = textwrap.dedent(
 
 
 @pytest.fixture
-def store(settings, tmp_path) -> Path:
-    settings.WEIGHTS_STORAGE = "local"
-    settings.WEIGHTS_LOCAL_ROOT = tmp_path / "store"
-    reset_storage()
-    yield settings.WEIGHTS_LOCAL_ROOT
-    reset_storage()
+def store(local_storage) -> Path:
+    return local_storage.root
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_killed_worker_leaves_the_rest_to_the_next_run(
     store, releases, alice, reviewer, make_submitted, tmp_path, monkeypatch
 ):
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    release = publish_demo(tmp_path)
     release = release_mark_fingerprinted(release=release)
     # The approval queues the task; here no worker takes it until the one below.
     queued: list[int] = []
@@ -130,9 +121,7 @@ def test_one_preparing_run_per_grant_and_not_on_the_mail_queue(
 ):
     from weights.tasks import prepare_recipient_copies
 
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    release = publish_demo(tmp_path)
     release = release_mark_fingerprinted(release=release)
     monkeypatch.setattr("weights.tasks.issue_download_link.delay", lambda grant_id: None)
     application = make_submitted(alice, slugs=("llama-7b",))

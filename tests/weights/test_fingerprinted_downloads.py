@@ -25,6 +25,7 @@ from django.core import mail
 from access.services import reviews
 from tests.conftest import require_tools
 from tests.weights.clients import run_download_sh
+from tests.weights.fingerprinted import DEMO, approve, publish_demo
 from weights.models import Artifact, RecipientCopy, Release
 from weights.services import links
 from weights.services.fingerprinting import (
@@ -33,38 +34,19 @@ from weights.services.fingerprinting import (
     grant_code,
     release_mark_fingerprinted,
 )
-from weights.services.publishing import release_publish
-from weights.storage import reset_storage
 
-DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 ROOT = Path(__file__).resolve().parents[2]
 SHARD = "consolidated.00.pth"
 
 
 @pytest.fixture
-def local(settings, tmp_path):
-    settings.WEIGHTS_STORAGE = "local"
-    settings.WEIGHTS_LOCAL_ROOT = tmp_path / "store"
-    reset_storage()
-    yield
-    reset_storage()
+def local(local_storage):
+    return local_storage
 
 
 @pytest.fixture
 def release(local, releases, tmp_path) -> Release:
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
-    return release_mark_fingerprinted(release=release)
-
-
-def approve(user, make_submitted, reviewer, release) -> str:
-    """The real approval: the task prepares the copy, then emails the link; its token."""
-    sent = len(mail.outbox)
-    application = make_submitted(user, slugs=("llama-7b",))
-    reviews.application_approve(application=application, reviewer=reviewer, releases=[release])
-    [message] = [m for m in mail.outbox[sent:] if "download link" in m.subject]
-    return re.search(r"/d/([A-Za-z0-9_-]{32})/", message.body).group(1)
+    return release_mark_fingerprinted(release=publish_demo(tmp_path))
 
 
 def artifact(release: Release, path: str) -> Artifact:
@@ -176,9 +158,7 @@ def test_a_release_is_marked_before_its_first_grant_only(
     release, local, releases, alice, reviewer, make_submitted, tmp_path
 ):
     other = releases["llama-13b"]
-    source = tmp_path / "src13"
-    shutil.copytree(DEMO, source)
-    release_publish(directory=source, slug="llama-13b", transformers=False)
+    publish_demo(tmp_path, "llama-13b")
     application = make_submitted(alice, slugs=("llama-13b",))
     reviews.application_approve(application=application, reviewer=reviewer, releases=[other])
     with pytest.raises(FingerprintRefused) as refused:
@@ -248,9 +228,7 @@ def release_form(release: Release, **changes) -> dict:
 def test_an_operator_marks_a_release_in_the_admin_and_the_grant_shows_it(
     operator_client, local, releases, alice, bob, reviewer, make_submitted, tmp_path
 ):
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    release = publish_demo(tmp_path)
     url = f"/admin/weights/release/{release.pk}/change/"
     response = operator_client.post(url, release_form(release, fingerprinted="on"))
     assert response.status_code == 302, response.content.decode()[:2000]

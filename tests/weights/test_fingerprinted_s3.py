@@ -9,8 +9,6 @@ bucket on the loopback S3 server (moto), marked, and granted to two researchers.
 from __future__ import annotations
 
 import hashlib
-import re
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from huggingface_hub import hf_hub_download
 
 from access.services import reviews
 from access.tokens import token_create
+from tests.weights.fingerprinted import DEMO, approve, publish_demo
 from weights.models import Artifact, DownloadEvent, LinkUsage, RecipientCopy, Release
 from weights.services import fingerprinting
 from weights.services.fingerprinting import (
@@ -30,13 +29,11 @@ from weights.services.fingerprinting import (
     release_mark_fingerprinted,
 )
 from weights.services.original_cache import cache_path, cached_original
-from weights.services.publishing import release_publish
 from weights.storage import LocalStorage, S3Storage, StorageError
 from weights.tasks import delete_revoked_copies, issue_missing_links
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 SHARD = "consolidated.00.pth"
 OWN = ("checklist.chk", "consolidated.00.pth", "consolidated.01.pth")
 
@@ -49,24 +46,13 @@ def s3(s3_storage, settings, tmp_path) -> S3Storage:
 
 @pytest.fixture
 def published(s3, releases, tmp_path) -> Release:
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    return release_publish(directory=source, slug="llama-7b", transformers=False).release
+    return publish_demo(tmp_path)
 
 
 @pytest.fixture
 def release(published, settings) -> Release:
     settings.WEIGHTS_FINGERPRINT_MATERIALISE = True
     return release_mark_fingerprinted(release=published)
-
-
-def approve(user, make_submitted, reviewer, release) -> str:
-    """The real approval: the task writes the copy out, then emails the link; its token."""
-    sent = len(mail.outbox)
-    application = make_submitted(user, slugs=("llama-7b",))
-    reviews.application_approve(application=application, reviewer=reviewer, releases=[release])
-    [message] = [m for m in mail.outbox[sent:] if "download link" in m.subject]
-    return re.search(r"/d/([A-Za-z0-9_-]{32})/", message.body).group(1)
 
 
 def sha256(data: bytes) -> str:
@@ -337,9 +323,7 @@ def test_local_put_stream_writes_whole_files_only(tmp_path):
 def test_with_local_storage_the_option_writes_copies_under_the_root_too(
     client, local_storage, settings, releases, alice, reviewer, make_submitted, tmp_path
 ):
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug="llama-7b", transformers=False).release
+    release = publish_demo(tmp_path)
     settings.WEIGHTS_FINGERPRINT_MATERIALISE = True
     release = release_mark_fingerprinted(release=release)
     token = approve(alice, make_submitted, reviewer, release)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,15 +26,14 @@ from access.services import reviews
 from access.tokens import token_create
 from tests.servers import SERVER_SECRET_KEY, portal_gunicorn
 from tests.weights.conftest import ServerStorage, server_storage, share_storage
+from tests.weights.fingerprinted import DEMO, publish_demo
 from tests.weights.test_hub_protocol import _server_done
 from weights.models import Artifact, RecipientCopy, Release
 from weights.services.fingerprinting import release_mark_fingerprinted
-from weights.services.publishing import release_publish
 from weights.storage import reset_storage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 SLUG = "llama-7b"
 SHARD = "original/consolidated.00.pth"
 PARAMS = "original/params.json"
@@ -63,9 +61,7 @@ def url(portal, settings, monkeypatch, tmp_path) -> Iterator[str]:
 
 
 def publish(releases, tmp_path: Path, *, fingerprinted: bool) -> Release:
-    source = tmp_path / "src"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug=SLUG, work_dir=tmp_path).release
+    release = publish_demo(tmp_path, SLUG, transformers=True, work_dir=tmp_path)
     assert release.artifacts.filter(variant=Artifact.Variant.TRANSFORMERS).exists()
     return release_mark_fingerprinted(release=release) if fingerprinted else release
 

@@ -19,30 +19,22 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from access.services import reviews
+from tests.weights.fingerprinted import DEMO, publish_demo
 from weights.models import Release
 from weights.services import fingerprinting, leak_tracing
 from weights.services.fingerprinting import release_mark_fingerprinted
-from weights.services.publishing import release_publish
-from weights.storage import reset_storage
 
-DEMO = Path(__file__).resolve().parents[2] / "inference_demo" / "demo_model"
 SHARDS = ("consolidated.00.pth", "consolidated.01.pth")
 
 
 @pytest.fixture
-def local(settings, tmp_path):
-    settings.WEIGHTS_STORAGE = "local"
-    settings.WEIGHTS_LOCAL_ROOT = tmp_path / "store"
-    settings.VAR_DIR = tmp_path / "var"
-    reset_storage()
-    yield
-    reset_storage()
+def local(local_storage, settings, tmp_path):
+    settings.VAR_DIR = tmp_path / "var"  # where the evidence goes
+    return local_storage
 
 
 def publish(tmp_path: Path, slug: str, *, transformers: bool = False, mark: bool = True) -> Release:
-    source = tmp_path / f"src-{slug}"
-    shutil.copytree(DEMO, source)
-    release = release_publish(directory=source, slug=slug, transformers=transformers).release
+    release = publish_demo(tmp_path, slug, transformers=transformers)
     return release_mark_fingerprinted(release=release) if mark else release
 
 

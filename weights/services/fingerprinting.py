@@ -86,9 +86,14 @@ def differs_per_recipient(artifact: Artifact) -> bool:
     return name == CHECKLIST or name.endswith(WEIGHT_SUFFIXES)
 
 
+def differs_in(release: Release, artifact: Artifact) -> bool:
+    """Whether each grantee of ``release`` receives bytes of ``artifact`` of their own."""
+    return release.fingerprinted and differs_per_recipient(artifact)
+
+
 def is_own_copy(grant: Grant, artifact: Artifact) -> bool:
     """Whether this grantee is served their own bytes of ``artifact``."""
-    return grant.release.fingerprinted and differs_per_recipient(artifact)
+    return differs_in(grant.release, artifact)
 
 
 def grant_code(grant: Grant) -> bytes:
